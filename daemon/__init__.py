@@ -1,0 +1,1 @@
+"""Wingbeat's shells: files, command line, and (later) sockets and processes around the pure core in model/."""

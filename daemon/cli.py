@@ -1,0 +1,250 @@
+"""The ``wingbeat`` command (typer). Reads flags into frozen configs, calls the core, prints results."""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # one thread per library; set before numpy and torch load
+
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+app = typer.Typer(
+    help="Wingbeat: cluster optically recorded insect signals into species groups with a dynamic β-VAE.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Mode(str, Enum):
+    dynamic = "dynamic"
+    vanilla = "vanilla"
+    fixed = "fixed"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def clean_errors(fn: F) -> F:
+    """Bad input ends with one line on stderr and exit status 2, never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from daemon.datasets import DatasetError
+        from model.checkpoint import CheckpointError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DatasetError, CheckpointError, FileExistsError, ValueError, OSError) as e:
+            typer.echo(f"wingbeat: error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def pick_device(choice: Device) -> Any:
+    import torch
+
+    if choice is Device.cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if choice is Device.auto:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice.value)
+
+
+def emit_json(obj: dict[str, Any]) -> None:
+    typer.echo(json.dumps(obj, allow_nan=False))
+
+
+@app.command()
+@clean_errors
+def simulate(
+    out: Annotated[Path, typer.Option(help="Recordings data set to write (.npz).")],
+    events: Annotated[int, typer.Option(min=1, help="Number of events.")] = 2000,
+    species: Annotated[int, typer.Option(min=1, help="Number of species.")] = 6,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    labelled_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of events with a label.")] = 1.0,
+    fs: Annotated[float, typer.Option(help="Sample rate in Hz.")] = 20_800.0,
+    channels: Annotated[int, typer.Option(min=1, max=8, help="Wavelengths (channels).")] = 2,
+) -> None:
+    """Write a recordings data set from a simulated optical insect sensor."""
+    import numpy as np
+
+    from daemon.simulate import SimConfig
+    from daemon.simulate import simulate as run_sim
+
+    cfg = SimConfig(events=events, species=species, seed=seed, labelled_fraction=labelled_fraction, fs=fs, channels=channels)
+    data = run_sim(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    np.savez_compressed(tmp, **data)
+    os.replace(tmp, out)
+    n_lab = int((data["label"] != "").sum())
+    typer.echo(f"wrote {out}: {events} events, {species} species, {channels} channels at {fs:g} Hz, {n_lab} labelled")
+
+
+@app.command()
+@clean_errors
+def train(
+    data: Annotated[Path, typer.Argument(help="Data set (.npz): recordings, spectra or features.")],
+    out: Annotated[Path, typer.Option(help="Model version directory to write.")],
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed: same seed and data, same model.")] = 0,
+    mode: Annotated[Mode, typer.Option(help="β: the dynamic rule, vanilla (β = 1), or fixed (--beta).")] = Mode.dynamic,
+    beta: Annotated[float, typer.Option(min=0.0, help="β for --mode fixed.")] = 1.0,
+    semi_supervised: Annotated[bool, typer.Option(help="Add the clustering loss on labelled events.")] = False,
+    reference: Annotated[
+        bool, typer.Option(help="Behave as the paper's published code: its β-rule quirks, ReLU, last epoch kept.")
+    ] = False,
+    latent_dim: Annotated[int, typer.Option(min=1, help="Latent dimensions.")] = 2,
+    device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch.")] = 1,
+    skip_bad: Annotated[bool, typer.Option(help="Leave out events that cannot be featurised instead of failing.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object last.")] = False,
+) -> None:
+    """Train a dynamic β-VAE and its latent clusters; write a model version."""
+    import torch
+
+    from daemon.datasets import load_dataset
+    from daemon.progress import EpochProgress
+    from daemon.versions import write_version
+    from model.beta import BetaConfig
+    from model.build import build
+    from model.checkpoint import pack
+    from model.cluster import ClusterConfig
+    from model.spectra import FeatureConfig
+    from model.train import TrainConfig
+    from model.vae import VAEConfig
+
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists (choose another --out, or --force to replace it)")
+    torch.set_num_threads(threads)
+    dev = pick_device(device)
+    feat_cfg = FeatureConfig()
+    ds = load_dataset(data, feat_cfg, skip_bad=skip_bad)
+    vae_cfg = VAEConfig(
+        n_in=int(ds.features[0].size), latent_dim=latent_dim, activation="relu" if reference else "leaky_relu"
+    )
+    train_cfg = TrainConfig(
+        epochs=epochs,
+        seed=seed,
+        beta=BetaConfig(mode=mode.value, fixed=beta, reference=reference),
+        semi_supervised=semi_supervised,
+        select="last" if reference else "best",
+    )
+    if semi_supervised and ds.labelled.sum() == 0:
+        raise ValueError(f"--semi-supervised: {data} has no labelled events")
+    with EpochProgress(epochs, enabled=sys.stderr.isatty() and not as_json) as progress:
+        built = build(ds.features, ds.label, vae_cfg, train_cfg, ClusterConfig(seed=seed), dev, progress.update)
+    manifest = {
+        **built.manifest,
+        "data": {"path": str(data), "sha256": ds.sha256, "kind": ds.kind, "skipped": len(ds.skipped)},
+        "parent": None,
+    }
+    write_version(out, pack(built.model, built.clusterer, feat_cfg, ds.kind, manifest), replace=force)
+    m = built.manifest
+    summary = {
+        "model": str(out),
+        "events": m["n_events"],
+        "epochs": m["epochs"],
+        "selected_epoch": m["selected_epoch"],
+        "beta": built.result.schedule.beta,
+        "n_clusters": built.clusterer.k,
+        "seconds_per_epoch": sum(m["history"]["seconds"]) / max(1, m["epochs"]),
+        "recoveries": m["recoveries"],
+        "device": str(dev),
+        **({"train_labelled": m["metrics"]["train_labelled"]} if "train_labelled" in m["metrics"] else {}),
+    }
+    typer.echo(
+        f"wrote {out}: {summary['events']} events, {summary['epochs']} epochs "
+        f"({summary['seconds_per_epoch']:.3f} s/epoch on {dev}), kept epoch {summary['selected_epoch']}, "
+        f"final β {summary['beta']:.3g}, {summary['n_clusters']} clusters",
+        err=as_json,
+    )
+    if as_json:
+        emit_json(summary)
+
+
+@app.command()
+@clean_errors
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="Model version directory.")],
+    data: Annotated[Path, typer.Argument(help="Labelled data set (.npz).")],
+    baselines: Annotated[bool, typer.Option(help="Also run Ward, PCA(2)+GMM and k-means on the same events.")] = False,
+    skip_bad: Annotated[bool, typer.Option(help="Leave out events that cannot be featurised.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object last.")] = False,
+) -> None:
+    """ARI and AMI of the model's clusters against the labels of every labelled event."""
+    from daemon.datasets import load_dataset
+    from daemon.versions import read_version
+    from model.evaluate import baselines as run_baselines
+    from model.evaluate import scores
+    from model.predict import predict
+
+    version = read_version(model_dir)
+    ds = load_dataset(data, version.features, skip_bad=skip_bad)
+    keep = ds.labelled
+    if keep.sum() < 2:
+        raise ValueError(f"{data}: needs at least 2 labelled events to evaluate, has {int(keep.sum())}")
+    x, y = ds.features[keep], ds.label[keep]
+    pred = predict(version, x)
+    result: dict[str, Any] = {
+        **scores(y, pred.cluster),
+        "n_clusters": int(len(set(pred.cluster.tolist()) - {-1})),
+        "n_events": int(len(y)),
+        "n_novel": int((pred.cluster < 0).sum()),
+    }
+    typer.echo(
+        f"{model_dir} on {data}: ARI {result['ari']:.3f}, AMI {result['ami']:.3f}, "
+        f"{result['n_clusters']} clusters, {result['n_events']} labelled events ({result['n_novel']} novel)",
+        err=as_json,
+    )
+    if baselines:
+        result["baselines"] = run_baselines(x, y)
+        for name, s in result["baselines"].items():
+            typer.echo(f"  {name:<9} ARI {s['ari']:.3f}, AMI {s['ami']:.3f}", err=as_json)
+    if as_json:
+        emit_json(result)
+
+
+@app.command()
+@clean_errors
+def plot(
+    model_dir: Annotated[Path, typer.Argument(help="Model version directory.")],
+    data: Annotated[Path | None, typer.Argument(help="Data set to place in the latent space (.npz).")] = None,
+    out: Annotated[Path, typer.Option(help="Picture to write (.png).")] = Path("wingbeat.png"),
+    skip_bad: Annotated[bool, typer.Option(help="Leave out events that cannot be featurised.")] = False,
+) -> None:
+    """Latent space by cluster and label, β / γ / loss curves, spectra beside their reconstructions."""
+    from daemon.datasets import load_dataset
+    from daemon.plot import render
+    from daemon.versions import read_version
+
+    version = read_version(model_dir)
+    ds = load_dataset(data, version.features, skip_bad=skip_bad) if data is not None else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render(version, ds.features if ds else None, ds.label if ds else None, out)
+    typer.echo(f"wrote {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

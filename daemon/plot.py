@@ -1,0 +1,77 @@
+"""One PNG that shows a model version: latent space, training curves, spectra and reconstructions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def render(version, features: np.ndarray | None, labels: np.ndarray | None, out: Path) -> None:  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from model.predict import predict
+
+    hist = version.manifest.get("history", {})
+    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
+    ax_c, ax_l, ax_curves, ax_spec = axes.ravel()
+    if features is not None and len(features):
+        rng = np.random.default_rng(0)
+        show = rng.choice(len(features), min(len(features), 5000), replace=False)
+        pred = predict(version, features[show])
+        mu = pred.latent
+        if mu.shape[1] < 2:
+            mu = np.column_stack([mu[:, 0], np.zeros(len(mu))])
+        sc = ax_c.scatter(mu[:, 0], mu[:, 1], c=pred.cluster, cmap="tab20", s=4)
+        ax_c.legend(*sc.legend_elements(num=None), title="cluster", fontsize=7, loc="best", markerscale=0.8)
+        if labels is not None and (labels[show] != "").any():
+            lab = labels[show]
+            names = sorted(set(lab.tolist()) - {""})
+            for i, name in enumerate(names):
+                m = lab == name
+                ax_l.scatter(mu[m, 0], mu[m, 1], s=4, color=plt.cm.tab20(i % 20), label=name)
+            ax_l.legend(fontsize=7, markerscale=3, loc="best")
+            ax_l.set_title("latent μ by label")
+        else:
+            ax_l.text(0.5, 0.5, "no labels", ha="center", va="center", transform=ax_l.transAxes)
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(features[show[:4]], np.float32).reshape(4 if len(show) >= 4 else len(show), -1))
+            mu_t, _ = version.model.encode(x)
+            recon = version.model.decode(mu_t).numpy()
+        n_in = x.shape[1]
+        for i in range(len(x)):
+            ax_spec.plot(np.arange(n_in), x[i].numpy() + i, color="tab:blue", lw=0.8)
+            ax_spec.plot(np.arange(n_in), recon[i] + i, color="tab:orange", lw=0.8)
+        ax_spec.set_title("spectra (blue) and reconstructions (orange), offset")
+        ax_spec.set_xlabel("input bin (channels back to back)")
+    else:
+        means = version.clusterer.means
+        ax_c.scatter(means[:, 0], means[:, 1] if means.shape[1] > 1 else np.zeros(len(means)), c=version.clusterer.ids, cmap="tab20")
+        for ident, m in zip(version.clusterer.ids, means, strict=True):
+            ax_c.annotate(str(ident), m[:2] if len(m) > 1 else (m[0], 0))
+        ax_l.text(0.5, 0.5, "give a data set to see events", ha="center", va="center", transform=ax_l.transAxes)
+        ax_spec.text(0.5, 0.5, "give a data set to see reconstructions", ha="center", va="center", transform=ax_spec.transAxes)
+    ax_c.set_title(f"latent μ by cluster ({version.clusterer.k} clusters; −1 = novel)")
+    if hist.get("rec"):
+        ep = np.arange(len(hist["rec"]))
+        ax_curves.plot(ep, hist["rec"], label="L_rec (train)")
+        ax_curves.plot(ep, hist["kl"], label="L_KL (train)")
+        ax_curves.plot(ep, [np.nan if v is None else v for v in hist["val_rec"]], label="L_rec (held out)", lw=0.8)
+        ax_curves.set_yscale("log")
+        ax_curves.set_xlabel("epoch")
+        ax_curves.axvline(version.manifest.get("selected_epoch", 0), color="grey", ls=":", label="kept epoch")
+        twin = ax_curves.twinx()
+        twin.plot(ep, hist["beta"], color="tab:red", label="β")
+        twin.plot(ep, hist["gamma"], color="tab:purple", label="γ")
+        twin.set_ylabel("β, γ")
+        lines = ax_curves.get_legend_handles_labels()
+        more = twin.get_legend_handles_labels()
+        ax_curves.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper right")
+    ax_curves.set_title("training")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,90 @@
+"""From features to a complete model version: fit the VAE, fit the latent clusters, record what happened.
+
+Shared by ``wingbeat train`` and the background trainer. No I/O: arrays in, objects and a manifest out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.cluster import ClusterConfig, LatentClusterer, fit_clusterer
+from model.evaluate import scores
+from model.train import EpochStats, TrainConfig, TrainResult, encode_mu, fit
+from model.vae import VAE, VAEConfig
+
+
+@dataclass
+class Built:
+    model: VAE
+    clusterer: LatentClusterer
+    result: TrainResult
+    manifest: dict[str, Any]
+
+
+def label_codes(labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Species names → integer codes (−1 for ""), and the names in code order."""
+    names = sorted({str(s) for s in labels if s != ""})
+    index = {s: i for i, s in enumerate(names)}
+    return np.array([index.get(str(s), -1) for s in labels], dtype=np.int64), names
+
+
+def build(
+    features: np.ndarray,
+    labels: np.ndarray,
+    vae_cfg: VAEConfig,
+    train_cfg: TrainConfig,
+    cluster_cfg: ClusterConfig,
+    device: torch.device,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> Built:
+    """Train on ``features`` (events, channels, bins) with species ``labels`` (events,) str, "" = unlabelled."""
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32).reshape(len(features), -1)).to(device)
+    codes, names = label_codes(labels)
+    torch.manual_seed(train_cfg.seed)  # initial weights depend on the seed alone
+    model = VAE(vae_cfg).to(device)
+    result = fit(model, x, train_cfg, torch.from_numpy(codes), on_epoch=on_epoch)
+    mu, err = (t.double().cpu().numpy() for t in encode_mu(model, x))
+    clusterer = fit_clusterer(mu, err, cluster_cfg)
+    assigned = clusterer.assign(mu, err)
+    metrics: dict[str, Any] = {
+        "n_clusters": clusterer.k,
+        "novel_fraction": float(np.mean(assigned.cluster < 0)),
+        "latent_std": mu.std(axis=0).tolist(),
+    }
+    val = result.val_index.numpy()
+    if len(val):
+        metrics["val_rec"] = float(err[val].mean())
+    if (codes >= 0).sum() >= 2:
+        metrics["train_labelled"] = scores(codes[codes >= 0], assigned.cluster[codes >= 0])
+    hist = result.history
+    manifest = {
+        "train": train_cfg.to_dict(),
+        "cluster": asdict(cluster_cfg),
+        "epochs": len(hist),
+        "selected_epoch": result.selected_epoch,
+        "recoveries": result.recoveries,
+        "n_events": len(x),
+        "labels": names,
+        "n_labelled": int((codes >= 0).sum()),
+        "history": {
+            "beta": [h.beta for h in hist],
+            "gamma": [h.gamma for h in hist],
+            "rec": [h.rec for h in hist],
+            "kl": [h.kl for h in hist],
+            "cls": [h.cls for h in hist],
+            "val_rec": [None if math.isnan(h.val_rec) else h.val_rec for h in hist],
+            "val_kl": [None if math.isnan(h.val_kl) else h.val_kl for h in hist],
+            "seconds": [h.seconds for h in hist],
+        },
+        "beta_schedule": result.schedule.to_dict(),
+        "metrics": metrics,
+        "device": str(device),
+    }
+    model.cpu()
+    return Built(model, clusterer, result, manifest)

@@ -1,0 +1,180 @@
+"""Latent clusters (DESIGN §5): a Gaussian mixture over μ with K by BIC, novelty, stable-ID alignment. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import scipy.optimize
+from sklearn.mixture import GaussianMixture
+
+NOVEL = -1
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    k_min: int = 1
+    k_max: int = 20  # BIC chooses K in [k_min, k_max]
+    n_init: int = 2
+    max_fit_events: int = 20_000  # larger sets are subsampled for the fit (seeded)
+    novelty_quantile: float = 0.995  # training events above this quantile of either score are "novel"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k_min <= self.k_max:
+            raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min} and {self.k_max}")
+        if not 0.5 < self.novelty_quantile <= 1:
+            raise ValueError(f"novelty_quantile must be in (0.5, 1], got {self.novelty_quantile}")
+
+
+@dataclass
+class Assignment:
+    cluster: np.ndarray  # (events,) int64 stable IDs, NOVEL for novel events
+    probability: np.ndarray  # (events,) posterior of the chosen component
+    novelty: np.ndarray  # (events,) ≥ 0; > 1 means beyond the training quantile of likelihood or reconstruction
+
+
+@dataclass
+class LatentClusterer:
+    """A fitted full-covariance mixture. ``ids[j]`` is the stable cluster ID of component j."""
+
+    weights: np.ndarray  # (K,)
+    means: np.ndarray  # (K, latent)
+    covariances: np.ndarray  # (K, latent, latent)
+    ids: np.ndarray  # (K,) int64
+    nll_threshold: float  # −log-likelihood of μ at the novelty quantile of training events
+    rec_threshold: float  # reconstruction error at the same quantile
+    bic: np.ndarray  # (k_max − k_min + 1, 2): K and its BIC, for the record
+
+    @property
+    def k(self) -> int:
+        return len(self.weights)
+
+    def _mixture(self) -> GaussianMixture:
+        gm = GaussianMixture(self.k, covariance_type="full")
+        gm.weights_, gm.means_, gm.covariances_ = self.weights, self.means, self.covariances
+        chol = np.stack([scipy.linalg.cholesky(c, lower=True) for c in self.covariances])
+        eye = np.eye(self.means.shape[1])
+        gm.precisions_cholesky_ = np.stack([scipy.linalg.solve_triangular(c, eye, lower=True).T for c in chol])
+        gm.precisions_ = gm.precisions_cholesky_ @ np.transpose(gm.precisions_cholesky_, (0, 2, 1))
+        return gm
+
+    def assign(self, mu: np.ndarray, rec_error: np.ndarray | None = None) -> Assignment:
+        """Cluster IDs, posteriors and novelty for latent means ``mu`` (events, latent)."""
+        mu = np.asarray(mu, dtype=np.float64)
+        if len(mu) == 0:
+            return Assignment(np.empty(0, np.int64), np.empty(0), np.empty(0))
+        gm = self._mixture()
+        post = gm.predict_proba(mu)  # (events, K)
+        comp = post.argmax(axis=1)
+        novelty = _ratio(-gm.score_samples(mu), self.nll_threshold)
+        if rec_error is not None:
+            novelty = np.maximum(novelty, _ratio(np.asarray(rec_error, np.float64), self.rec_threshold))
+        cluster = np.where(novelty > 1, NOVEL, self.ids[comp]).astype(np.int64)
+        return Assignment(cluster, post[np.arange(len(mu)), comp], novelty)
+
+    def components(self, mu: np.ndarray) -> np.ndarray:
+        """Mixture component (not stable ID) of each row, ignoring novelty."""
+        return self._mixture().predict(np.asarray(mu, np.float64))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "weights": self.weights,
+            "means": self.means,
+            "covariances": self.covariances,
+            "ids": self.ids,
+            "thresholds": np.array([self.nll_threshold, self.rec_threshold]),
+            "bic": self.bic,
+        }
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> LatentClusterer:
+        k = len(a["weights"])
+        shapes_ok = (
+            a["means"].ndim == 2
+            and a["means"].shape[0] == k
+            and a["covariances"].shape == (k, a["means"].shape[1], a["means"].shape[1])
+            and a["ids"].shape == (k,)
+            and a["thresholds"].shape == (2,)
+        )
+        if not shapes_ok or k == 0:
+            raise ValueError("clusterer arrays have inconsistent shapes")
+        if not all(np.isfinite(v).all() for v in a.values()):
+            raise ValueError("clusterer arrays contain non-finite values")
+        return cls(
+            a["weights"].astype(np.float64),
+            a["means"].astype(np.float64),
+            a["covariances"].astype(np.float64),
+            a["ids"].astype(np.int64),
+            float(a["thresholds"][0]),
+            float(a["thresholds"][1]),
+            a["bic"].astype(np.float64),
+        )
+
+
+def _ratio(score: np.ndarray, threshold: float) -> np.ndarray:
+    """Score relative to its threshold, shifted so that the threshold maps to 1 whatever the sign of scores."""
+    return np.maximum(0.0, 1.0 + (score - threshold) / max(abs(threshold), 1e-12))
+
+
+def fit_clusterer(mu: np.ndarray, rec_error: np.ndarray, cfg: ClusterConfig) -> LatentClusterer:
+    """Fit mixtures for K = k_min … k_max on ``mu`` (events, latent) and keep the lowest BIC."""
+    mu = np.asarray(mu, dtype=np.float64)
+    if len(mu) < 2:
+        raise ValueError(f"need at least 2 events to fit clusters, got {len(mu)}")
+    rng = np.random.default_rng(cfg.seed)
+    fit_on = mu if len(mu) <= cfg.max_fit_events else mu[rng.choice(len(mu), cfg.max_fit_events, replace=False)]
+    best: tuple[float, GaussianMixture] | None = None
+    bics = []
+    for k in range(cfg.k_min, min(cfg.k_max, len(fit_on)) + 1):
+        gm = GaussianMixture(k, covariance_type="full", n_init=cfg.n_init, random_state=cfg.seed, reg_covar=1e-6)
+        gm.fit(fit_on)
+        bic = float(gm.bic(fit_on))
+        bics.append((k, bic))
+        if best is None or bic < best[0]:
+            best = (bic, gm)
+    assert best is not None
+    gm = best[1]
+    order = np.argsort(-gm.weights_)  # component 0 = largest cluster; IDs 0…K−1 in that order
+    q = cfg.novelty_quantile
+    return LatentClusterer(
+        gm.weights_[order],
+        gm.means_[order],
+        gm.covariances_[order],
+        np.arange(gm.n_components, dtype=np.int64),
+        float(np.quantile(-gm.score_samples(mu), q)),
+        float(np.quantile(np.asarray(rec_error, np.float64), q)),
+        np.array(bics, dtype=np.float64),
+    )
+
+
+def align_ids(old: np.ndarray, new_components: np.ndarray, n_new: int, next_id: int, min_overlap: int = 1) -> np.ndarray:
+    """Stable IDs for a new mixture's components, from the same events assigned by both models.
+
+    Parameters
+    ----------
+    old : (events,) cluster IDs the serving model gave (NOVEL rows are ignored).
+    new_components : (events,) component index 0…n_new−1 the new model gives the same events.
+    n_new : number of components of the new mixture.
+    next_id : smallest ID never used before; unmatched components get next_id, next_id + 1, …
+    min_overlap : a match needs at least this many shared events.
+
+    Returns
+    -------
+    (n_new,) int64: the ID of each new component. Hungarian assignment maximising shared events.
+    """
+    keep = old != NOVEL
+    old, new_components = old[keep], new_components[keep]
+    old_ids = np.unique(old)
+    ids = np.full(n_new, -1, dtype=np.int64)
+    if len(old_ids):
+        overlap = np.zeros((n_new, len(old_ids)), dtype=np.int64)  # (new component, old ID)
+        np.add.at(overlap, (new_components, np.searchsorted(old_ids, old)), 1)
+        rows, cols = scipy.optimize.linear_sum_assignment(overlap, maximize=True)
+        for r, c in zip(rows, cols, strict=True):
+            if overlap[r, c] >= min_overlap:
+                ids[r] = old_ids[c]
+    fresh = np.flatnonzero(ids < 0)
+    ids[fresh] = next_id + np.arange(len(fresh))
+    return ids

@@ -1,0 +1,35 @@
+"""Loss terms, each averaged over the events of a batch. Pure tensor functions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def reconstruction(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Summed squared error per event, mean over events. recon, x: (batch, n_in)."""
+    return ((recon - x.reshape(recon.shape)) ** 2).sum(dim=1).mean()
+
+
+def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, I)) per event, mean over events. mu, logvar: (batch, latent)."""
+    return (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(dim=1)).mean()
+
+
+def cluster_ratio(mu: torch.Tensor, labels: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Within-class spread over between-class spread of the latent means (smaller is better).
+
+    within = Σ_k (n_k / n) · mean_{i∈k} ‖μ_i − c_k‖ ; between = mean_k ‖c_k − mean_j c_j‖, over labels ≥ 0.
+    Returns 0 (with a graph) when fewer than two classes are present, so it can always be added to a loss.
+    """
+    keep = labels >= 0
+    mu, labels = mu[keep], labels[keep]
+    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    if len(classes) < 2:
+        return mu.sum() * 0.0
+    k = len(classes)
+    centres = torch.zeros(k, mu.shape[1], dtype=mu.dtype, device=mu.device).index_add_(0, inverse, mu)
+    centres = centres / counts[:, None].to(mu.dtype)  # (classes, latent)
+    dist = torch.linalg.vector_norm(mu - centres[inverse], dim=1)  # (labelled,)
+    within = dist.sum() / len(mu)  # = Σ_k (n_k/n) · mean distance in class k
+    between = torch.linalg.vector_norm(centres - centres.mean(dim=0), dim=1).mean()
+    return (within + eps) / (between + eps)

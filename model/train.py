@@ -1,0 +1,194 @@
+"""The fit loop: whole tensors on the device, no per-item Dataset; progress through a callback. No I/O."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from model import losses
+from model.beta import BetaConfig, BetaSchedule, GammaConfig
+from model.vae import VAE
+
+SELECT = ("best", "last")
+
+
+class TrainingDiverged(RuntimeError):
+    """Losses or weights kept turning non-finite after every recovery."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. ``select="best"`` keeps the epoch with the best held-out score (see ``selection_score``);
+    ``"last"`` keeps the final epoch, as the paper's code does."""
+
+    epochs: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+    seed: int = 0
+    beta: BetaConfig = field(default_factory=BetaConfig)
+    gamma: GammaConfig = field(default_factory=GammaConfig)
+    semi_supervised: bool = False
+    val_fraction: float = 0.1
+    select: str = "best"
+    max_recoveries: int = 20
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if not (0 < self.lr < 1):
+            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if not (0 <= self.val_fraction < 0.5):
+            raise ValueError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+        if self.select not in SELECT:
+            raise ValueError(f"select must be one of {SELECT}, got {self.select!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return cls(**{**d, "beta": BetaConfig(**d["beta"]), "gamma": GammaConfig(**d["gamma"])})
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    beta: float  # β used in this epoch
+    gamma: float
+    rec: float  # mean per-event training losses
+    kl: float
+    cls: float
+    val_rec: float  # held-out, decoding μ (NaN without a held-out set)
+    val_kl: float
+    seconds: float
+    recovered: bool = False
+
+
+@dataclass
+class TrainResult:
+    state_dict: dict[str, torch.Tensor]
+    history: list[EpochStats]
+    selected_epoch: int
+    schedule: BetaSchedule
+    recoveries: int
+    val_index: torch.Tensor  # rows of x held out for selection (on CPU)
+
+
+def selection_score(val_rec: float, val_kl: float) -> float:
+    """Held-out negative ELBO at β = 1 (lower is better): comparable across epochs whatever β was."""
+    return val_rec + val_kl
+
+
+def _split(n: int, frac: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    n_val = int(n * frac) if n * frac >= 10 else 0
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def fit(
+    model: VAE,
+    x: torch.Tensor,
+    cfg: TrainConfig,
+    labels: torch.Tensor | None = None,
+    schedule: BetaSchedule | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``x`` (events, n_in), on x's device.
+
+    ``labels`` (events,) int64 with −1 for unlabelled rows drives the clustering loss when
+    ``cfg.semi_supervised``. ``schedule`` continues a β schedule (fine-tuning); a new one starts otherwise.
+    Seeds torch's global generator with ``cfg.seed``: same seed, data and device → same weights.
+    """
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = x.device
+    x = x.reshape(len(x), -1)
+    if labels is None or not cfg.semi_supervised:
+        labels = torch.full((len(x),), -1, dtype=torch.long)
+    labels = labels.to(device)
+    train_idx, val_idx = _split(len(x), cfg.val_fraction, gen)
+    xt, yt = x[train_idx.to(device)], labels[train_idx.to(device)]
+    xv = x[val_idx.to(device)]
+    schedule = schedule or BetaSchedule(cfg.beta)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    history: list[EpochStats] = []
+    good = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    best: tuple[float, int, dict[str, torch.Tensor]] = (math.inf, -1, good[0])
+    recoveries = 0
+    gamma = 0.0
+    epoch = 0
+    while epoch < cfg.epochs:
+        t0 = time.perf_counter()
+        beta = schedule.beta
+        if cfg.semi_supervised and not (cfg.beta.reference and schedule.frozen):
+            gamma = cfg.gamma.at(epoch)  # the published code stopped cycling γ once β froze
+        model.train()
+        perm = torch.randperm(len(xt), generator=gen).to(device)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for start in range(0, len(xt), cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            xb = xt[idx]  # (batch, n_in)
+            recon, mu, logvar = model(xb)
+            rec = losses.reconstruction(recon, xb)
+            kl = losses.kl_standard_normal(mu, logvar)
+            loss = rec + beta * kl
+            cls = losses.cluster_ratio(mu, yt[idx]) if gamma > 0 else rec.new_zeros(())
+            loss = loss + gamma * cls
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums += torch.stack([rec.detach(), kl.detach(), cls.detach()]).double() * len(idx)
+        rec_m, kl_m, cls_m = (sums / len(xt)).tolist()
+        finite = all(math.isfinite(v) for v in (rec_m, kl_m, cls_m)) and all(
+            bool(torch.isfinite(p).all()) for p in model.parameters()
+        )
+        if not finite:  # roll back to the last good epoch and train it again with fresh noise and order
+            recoveries += 1
+            if recoveries > cfg.max_recoveries:
+                raise TrainingDiverged(f"non-finite loss or weights {recoveries} times (last at epoch {epoch})")
+            model.load_state_dict(good[0])
+            opt.load_state_dict(good[1])
+            if history:
+                history[-1].recovered = True
+            continue
+        val_rec = val_kl = math.nan
+        if len(xv):
+            model.eval()
+            with torch.no_grad():
+                mu_v, logvar_v = model.encode(xv)
+                val_rec = float(losses.reconstruction(model.decode(mu_v), xv))
+                val_kl = float(losses.kl_standard_normal(mu_v, logvar_v))
+        schedule.observe(rec_m, kl_m)
+        stats = EpochStats(epoch, beta, gamma, rec_m, kl_m, cls_m, val_rec, val_kl, time.perf_counter() - t0)
+        history.append(stats)
+        good = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+        if cfg.select == "best" and epoch >= cfg.beta.warmup and len(xv):
+            score = selection_score(val_rec, val_kl)
+            if math.isfinite(score) and score < best[0]:
+                best = (score, epoch, good[0])
+        if on_epoch is not None:
+            on_epoch(stats)
+        epoch += 1
+    if cfg.select == "last" or best[1] < 0:
+        best = (math.nan, cfg.epochs - 1, good[0])
+    model.load_state_dict(best[2])
+    return TrainResult(best[2], history, best[1], schedule, recoveries, val_idx)
+
+
+@torch.no_grad()
+def encode_mu(model: VAE, x: torch.Tensor, batch: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent means and per-event reconstruction error (decoding μ) for x (events, n_in)."""
+    model.eval()
+    mus, errs = [], []
+    for start in range(0, len(x), batch):
+        xb = x[start : start + batch].reshape(-1, model.cfg.n_in)
+        mu, _ = model.encode(xb)
+        mus.append(mu)
+        errs.append(((model.decode(mu) - xb) ** 2).sum(dim=1))
+    return torch.cat(mus), torch.cat(errs)

@@ -1,0 +1,44 @@
+import math
+
+import pytest
+import torch
+
+from model import losses
+
+
+def test_kl_matches_closed_form_and_torch_distributions():
+    mu = torch.tensor([[0.5, -1.0], [0.0, 2.0]], dtype=torch.float64)
+    logvar = torch.tensor([[0.0, math.log(4.0)], [math.log(0.25), 0.0]], dtype=torch.float64)
+    # 0.5 (σ² + μ² − 1 − ln σ²) per dimension, summed over dimensions, mean over events
+    per = [0.5 * (1 + 0.25 - 1 - 0) + 0.5 * (4 + 1 - 1 - math.log(4)), 0.5 * (0.25 + 0 - 1 - math.log(0.25)) + 0.5 * 4]
+    assert float(losses.kl_standard_normal(mu, logvar)) == pytest.approx(sum(per) / 2)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    assert float(losses.kl_standard_normal(mu, logvar)) == pytest.approx(float(torch.distributions.kl_divergence(q, p).sum(1).mean()))
+
+
+def test_kl_is_zero_at_the_prior():
+    assert float(losses.kl_standard_normal(torch.zeros(3, 2), torch.zeros(3, 2))) == 0.0
+
+
+def test_reconstruction_is_summed_per_event_mean_over_events():
+    x = torch.tensor([[0.0, 1.0, 0.5], [1.0, 1.0, 1.0]])
+    r = torch.tensor([[0.5, 1.0, 0.5], [0.0, 1.0, 0.0]])
+    assert float(losses.reconstruction(r, x)) == pytest.approx((0.25 + 2.0) / 2)
+
+
+def test_cluster_ratio_known_answer():
+    mu = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 0.0], [10.0, 2.0], [99.0, 99.0]])
+    labels = torch.tensor([0, 0, 1, 1, -1])  # the unlabelled point is ignored
+    # centres (1, 0) and (10, 1), every distance to its centre is 1 → within = 1;
+    # both centres lie √(4.5² + 0.5²) from their mean (5.5, 0.5) → between = 4.5277
+    expected = (1 + 1e-6) / (math.hypot(4.5, 0.5) + 1e-6)
+    assert float(losses.cluster_ratio(mu, labels)) == pytest.approx(expected)
+
+
+def test_cluster_ratio_needs_two_classes_but_keeps_a_graph():
+    mu = torch.ones(3, 2, requires_grad=True)
+    out = losses.cluster_ratio(mu, torch.tensor([0, 0, -1]))
+    assert float(out) == 0.0
+    out.backward()
+    assert mu.grad is not None
