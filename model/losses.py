@@ -15,6 +15,13 @@ def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(dim=1)).mean()
 
 
+def kl_free_bits(mu: torch.Tensor, logvar: torch.Tensor, floor: float) -> torch.Tensor:
+    """KL for the loss with a floor of ``floor`` nats per latent dimension (batch mean): a dimension whose KL is
+    already below the floor feels no pull towards the prior, so no dimension collapses onto it."""
+    per_dim = (-0.5 * (1 + logvar - mu**2 - logvar.exp())).mean(dim=0)  # (latent,)
+    return torch.clamp(per_dim, min=floor).sum()
+
+
 def cluster_ratio(mu: torch.Tensor, labels: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Within-class spread over between-class spread of the latent means (smaller is better).
 

@@ -37,6 +37,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     select: str = "best"
     max_recoveries: int = 20
+    free_bits: float = 0.0  # nats per latent dimension below which KL is not penalised (0 = plain KL)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -137,7 +138,8 @@ def fit(
             recon, mu, logvar = model(xb)
             rec = losses.reconstruction(recon, xb)
             kl = losses.kl_standard_normal(mu, logvar)
-            loss = rec + beta * kl
+            kl_loss = losses.kl_free_bits(mu, logvar, cfg.free_bits) if cfg.free_bits > 0 else kl
+            loss = rec + beta * kl_loss
             cls = losses.cluster_ratio(mu, yt[idx]) if gamma > 0 else rec.new_zeros(())
             loss = loss + gamma * cls
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,93 @@
+"""The ``wingbeat`` command end to end, as a user runs it: real processes, real files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+WINGBEAT = [sys.executable, "-m", "daemon.cli"]
+
+
+def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run([*WINGBEAT, *args], capture_output=True, text=True, timeout=600)
+    if ok:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sim") / "sim.npz"
+    run("simulate", "--out", str(out), "--events", "300", "--species", "3", "--seed", "2", "--labelled-fraction", "0.8")
+    return out
+
+
+def test_simulate_writes_a_valid_recordings_set(sim):
+    with np.load(sim, allow_pickle=False) as d:
+        n = len(d["channels"])
+        assert n == 300 and d["samples"].dtype == np.int16 and d["offsets"][-1] == len(d["samples"])
+        assert set(d["channels"].tolist()) == {2} and (d["fs"] == 20_800).all()
+        lengths = np.diff(d["offsets"]) // 2
+        assert lengths.min() >= 0.1 * 20_800 and lengths.max() <= 0.5 * 20_800
+        labels = set(d["label"].tolist())
+        assert "" in labels and len(labels - {""}) == 3
+        assert (np.diff(d["t0_ns"]) > 0).all()
+
+
+@pytest.mark.slow
+def test_train_evaluate_plot(sim, tmp_path):
+    model = tmp_path / "m"
+    p = run("train", str(sim), "--out", str(model), "--epochs", "30", "--json", "--seed", "3")
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["epochs"] == 30 and summary["events"] == 300 and summary["device"] == "cpu"
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["data"]["kind"] == "recordings" and len(manifest["history"]["beta"]) == 30
+    p = run("evaluate", str(model), str(sim), "--baselines", "--json")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    with np.load(sim, allow_pickle=False) as d:
+        assert res["n_events"] == (d["label"] != "").sum()  # every labelled event, only those
+    assert set(res) >= {"ari", "ami", "n_clusters", "n_events", "baselines"}
+    assert set(res["baselines"]) == {"hca_ward", "pca_gmm", "kmeans"}
+    assert all(set(v) == {"ari", "ami"} for v in res["baselines"].values())
+    png = tmp_path / "p.png"
+    run("plot", str(model), str(sim), "--out", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    p = run("train", str(sim), "--out", str(model), "--epochs", "2", ok=False)
+    assert p.returncode == 2 and "already exists" in p.stderr
+
+
+def bad(tmp_path: Path, name: str, **arrays) -> Path:
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+def test_bad_inputs_end_with_one_clear_line(tmp_path):
+    cases = {
+        "missing": (tmp_path / "nope.npz", "no such file"),
+        "nonsense": (bad(tmp_path, "k.npz", foo=np.ones(3)), "not a Wingbeat data set"),
+        "pickled": (bad(tmp_path, "p.npz", features=np.array([{"a": 1}], dtype=object)), "pickled objects"),
+        "shape": (bad(tmp_path, "s.npz", features=np.ones((4, 10), np.float32)), "(events, channels, bins)"),
+        "nan": (bad(tmp_path, "n.npz", spectra=np.full((2, 1, 193), np.nan, np.float32), freqs=np.arange(193) * 10.4), "event 0"),
+        "offsets": (
+            bad(tmp_path, "o.npz", samples=np.ones(10, np.int16), offsets=np.array([0, 4, 9]), channels=np.array([1, 1]), fs=np.array([2e4, 2e4])),
+            "'offsets' must rise",
+        ),
+        "labels": (bad(tmp_path, "l.npz", features=np.ones((2, 1, 5), np.float32), label=np.array([1, 2])), "'label'"),
+    }
+    (tmp_path / "garbage.npz").write_bytes(b"this is not a zip")
+    cases["garbage"] = (tmp_path / "garbage.npz", "not a readable .npz")
+    for name, (path, message) in cases.items():
+        p = run("train", str(path), "--out", str(tmp_path / f"m-{name}"), "--epochs", "1", ok=False)
+        assert p.returncode == 2, (name, p.stderr)
+        assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, (name, p.stderr)
+        assert message in p.stderr, (name, p.stderr)
+        assert not (tmp_path / f"m-{name}").exists()
+
+
+def test_unknown_model_directory(tmp_path, sim):
+    p = run("evaluate", str(tmp_path / "none"), str(sim), ok=False)
+    assert p.returncode == 2 and "no such model directory" in p.stderr and "Traceback" not in p.stderr

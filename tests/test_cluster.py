@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from model.cluster import NOVEL, ClusterConfig, LatentClusterer, align_ids, fit_clusterer
+
+
+def blobs(seed: int = 0, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.array([[-4.0, 0.0], [4.0, 0.0], [0.0, 5.0]])
+    y = rng.integers(0, 3, n)
+    return centres[y] + rng.normal(0, 0.5, (n, 2)), y
+
+
+def test_bic_finds_three_blobs_and_ids_follow_size():
+    mu, y = blobs()
+    c = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(k_max=6))
+    assert c.k == 3
+    assert np.all(np.diff(c.weights) <= 0) and c.ids.tolist() == [0, 1, 2]
+    a = c.assign(mu, np.ones(len(mu)))
+    assert (a.cluster >= 0).mean() > 0.98
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(y, a.cluster) > 0.97
+    assert c.bic[:, 0].tolist() == list(range(1, 7))
+
+
+def test_far_points_and_bad_reconstructions_are_novel():
+    mu, _ = blobs()
+    c = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(k_max=4))
+    a = c.assign(np.array([[40.0, 40.0], [4.0, 0.0], [4.0, 0.0]]), np.array([1.0, 1.0, 50.0]))
+    assert a.cluster[0] == NOVEL and a.novelty[0] > 1
+    assert a.cluster[1] >= 0 and a.novelty[1] <= 1
+    assert a.cluster[2] == NOVEL  # well placed, but reconstructed far worse than anything in training
+
+
+def test_round_trip_through_arrays():
+    mu, _ = blobs(1)
+    c = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(k_max=4))
+    again = LatentClusterer.from_arrays(c.to_arrays())
+    a, b = c.assign(mu), again.assign(mu)
+    np.testing.assert_array_equal(a.cluster, b.cluster)
+    np.testing.assert_allclose(a.probability, b.probability)
+    bad = c.to_arrays()
+    bad["means"] = bad["means"][:1]
+    with pytest.raises(ValueError, match="inconsistent"):
+        LatentClusterer.from_arrays(bad)
+
+
+def test_alignment_keeps_ids_and_gives_fresh_ones():
+    old = np.array([5, 5, 5, 7, 7, 9, 9, NOVEL])
+    new = np.array([1, 1, 1, 0, 0, 2, 2, 3])  # same groups, new numbering, plus one new component
+    assert align_ids(old, new, n_new=4, next_id=10).tolist() == [7, 5, 9, 10]
+
+
+def test_alignment_solves_the_assignment_not_greedy():
+    # greedy on the biggest overlap would give component 0 → 1 and leave component 1 without a match
+    old = np.array([1] * 5 + [2] * 4 + [1] * 4)
+    new = np.array([0] * 5 + [0] * 4 + [1] * 4)
+    assert align_ids(old, new, n_new=2, next_id=3).tolist() == [2, 1]
+
+
+def test_retrain_on_same_data_keeps_ids():
+    mu, _ = blobs(2)
+    first = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(k_max=5, seed=0))
+    second = fit_clusterer(mu[:, ::-1] * 2, np.ones(len(mu)), ClusterConfig(k_max=5, seed=1))  # another latent
+    old_ids = first.assign(mu).cluster
+    second.ids = align_ids(old_ids, second.components(mu[:, ::-1] * 2), second.k, next_id=first.k)
+    np.testing.assert_array_equal(second.assign(mu[:, ::-1] * 2).cluster, old_ids)

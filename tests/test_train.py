@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+
+from model.beta import BetaConfig, GammaConfig
+from model.build import build
+from model.cluster import ClusterConfig
+from model.evaluate import scores
+from model.train import TrainConfig, fit
+from model.vae import VAE, VAEConfig
+
+
+def toy(n: int = 240, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three spectral shapes (peaks at different bins) with noise, features in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    bins = np.arange(40)
+    x = np.exp(-0.5 * ((bins[None, :] - (8 + 12 * y[:, None])) / 2.0) ** 2) + rng.normal(0, 0.05, (n, 40))
+    x = (x - x.min(1, keepdims=True)) / np.ptp(x, 1, keepdims=True)
+    return x[:, None, :].astype(np.float32), np.array(["a", "b", "c"])[y]
+
+
+CFG = TrainConfig(epochs=60, batch_size=64, beta=BetaConfig(warmup=10, interval=5))
+
+
+def test_same_seed_same_model_and_scores():
+    x, y = toy()
+    runs = [build(x, y, VAEConfig(n_in=40), CFG, ClusterConfig(k_max=5), torch.device("cpu")) for _ in range(2)]
+    for k, t in runs[0].model.state_dict().items():
+        assert torch.equal(t, runs[1].model.state_dict()[k]), k
+    assert runs[0].manifest["metrics"] == runs[1].manifest["metrics"]
+    other = build(x, y, VAEConfig(n_in=40), TrainConfig(**{**CFG.__dict__, "seed": 1}), ClusterConfig(k_max=5), torch.device("cpu"))
+    assert not torch.equal(other.model.state_dict()["out.weight"], runs[0].model.state_dict()["out.weight"])
+
+
+@pytest.mark.slow
+def test_learns_the_toy_clusters():
+    x, y = toy(480)
+    cfg = TrainConfig(epochs=120, batch_size=32, beta=BetaConfig(warmup=30, interval=5))
+    b = build(x, y, VAEConfig(n_in=40), cfg, ClusterConfig(k_max=6), torch.device("cpu"))
+    assert b.manifest["metrics"]["train_labelled"]["ari"] > 0.9
+    assert b.result.history[0].beta == 0 and b.result.history[-1].beta > 0
+    assert 30 <= b.result.selected_epoch < 120
+
+
+def test_nan_is_recovered_from_the_last_good_epoch():
+    x, _ = toy()
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(n_in=40))
+    poisoned = []
+
+    def poison(stats):
+        if stats.epoch == 5 and not poisoned:
+            poisoned.append(stats.epoch)
+            with torch.no_grad():
+                model.out.weight[0, 0] = float("nan")  # after the epoch's snapshot: the next epoch diverges
+
+    r = fit(model, torch.from_numpy(x.reshape(len(x), -1)), TrainConfig(epochs=12, batch_size=64), on_epoch=poison)
+    assert r.recoveries == 1 and r.history[5].recovered
+    assert len(r.history) == 12
+    assert all(bool(torch.isfinite(t).all()) for t in r.state_dict.values())
+
+
+def test_semi_supervised_uses_labels_and_cycles_gamma():
+    x, y = toy()
+    gamma = GammaConfig(start=10, period=10)
+    cfg = TrainConfig(epochs=30, batch_size=64, semi_supervised=True, beta=BetaConfig(warmup=5), gamma=gamma)
+    b = build(x, y, VAEConfig(n_in=40), cfg, ClusterConfig(k_max=5), torch.device("cpu"))
+    g = b.manifest["history"]["gamma"]
+    assert g[:10] == [0.0] * 10 and g[10:20] == [0.2] * 10 and g[20:] == [0.01] * 10
+    assert all(c > 0 for c in b.manifest["history"]["cls"][10:])
+
+
+def test_bad_train_config_names_the_key():
+    with pytest.raises(ValueError, match="select must be one of"):
+        TrainConfig(select="first")
+
+
+def test_scores_are_label_permutation_invariant():
+    assert scores(np.array(["a", "a", "b"]), np.array([7, 7, 3])) == {"ari": 1.0, "ami": 1.0}
