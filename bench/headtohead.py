@@ -79,7 +79,11 @@ def main() -> None:
             print("paper baselines (evaluation events):", json.dumps(baselines(xev, yev)), flush=True)
         if "ucr" in args.only:
             with np.load(DATA / "ucr_insectwingbeatsound_train.npz", allow_pickle=False) as d:
-                print("ucr baselines:", json.dumps(baselines(scale_features(d["features"]).features, d["label"])), flush=True)
+                print(
+                    "ucr baselines:",
+                    json.dumps(baselines(scale_features(d["features"]).features, d["label"])),
+                    flush=True,
+                )
         for f in futures:
             print(json.dumps(f.result()), flush=True)
 

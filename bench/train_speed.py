@@ -78,7 +78,9 @@ def main() -> None:
     t0 = time.perf_counter()
     fit(model, torch.from_numpy(x).to(device), tcfg)
     ours = (time.perf_counter() - t0) / args.epochs
-    print(f"device {device}, {args.threads} thread(s), {len(x)} events × {x.shape[1]} inputs, {args.epochs} epochs each")
+    print(
+        f"device {device}, {args.threads} thread(s), {len(x)} events × {x.shape[1]} inputs, {args.epochs} epochs each"
+    )
     print(f"reference-style loop (DataLoader, per-item Dataset): {ref:.4f} s/epoch")
     print(f"wingbeat fit loop (whole tensors on the device):     {ours:.4f} s/epoch")
     print(f"speed-up: {ref / ours:.2f}×")

@@ -87,11 +87,13 @@ def simulate(
     from daemon.simulate import SimConfig
     from daemon.simulate import simulate as run_sim
 
-    cfg = SimConfig(events=events, species=species, seed=seed, labelled_fraction=labelled_fraction, fs=fs, channels=channels)
+    cfg = SimConfig(
+        events=events, species=species, seed=seed, labelled_fraction=labelled_fraction, fs=fs, channels=channels
+    )
     data = run_sim(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez_compressed(tmp, **data)
+    np.savez_compressed(tmp, allow_pickle=False, **data)
     os.replace(tmp, out)
     n_lab = int((data["label"] != "").sum())
     typer.echo(f"wrote {out}: {events} events, {species} species, {channels} channels at {fs:g} Hz, {n_lab} labelled")
@@ -113,7 +115,9 @@ def train(
     latent_dim: Annotated[int, typer.Option(min=1, help="Latent dimensions.")] = 2,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch.")] = 1,
-    skip_bad: Annotated[bool, typer.Option(help="Leave out events that cannot be featurised instead of failing.")] = False,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Leave out events that cannot be featurised instead of failing.")
+    ] = False,
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object last.")] = False,
 ) -> None:
@@ -205,8 +209,8 @@ def evaluate(
     pred = predict(version, x)
     result: dict[str, Any] = {
         **scores(y, pred.cluster),
-        "n_clusters": int(len(set(pred.cluster.tolist()) - {-1})),
-        "n_events": int(len(y)),
+        "n_clusters": len(set(pred.cluster.tolist()) - {-1}),
+        "n_events": len(y),
         "n_novel": int((pred.cluster < 0).sum()),
     }
     typer.echo(

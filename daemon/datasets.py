@@ -63,7 +63,9 @@ def _load(path: Path) -> dict[str, np.ndarray]:
                     out[k] = z[k]
                 except ValueError as e:
                     if "pickle" in str(e):
-                        raise DatasetError(f"{path}: key {k!r} holds pickled objects, which Wingbeat never loads") from None
+                        raise DatasetError(
+                            f"{path}: key {k!r} holds pickled objects, which Wingbeat never loads"
+                        ) from None
                     raise DatasetError(f"{path}: key {k!r} cannot be read ({e})") from None
             return out
     except DatasetError:
@@ -93,12 +95,16 @@ def read_recordings(path: Path) -> Recordings:
     samples, offsets = _need(d, "samples", path), _need(d, "offsets", path)
     channels, fs = _need(d, "channels", path), _need(d, "fs", path)
     if samples.ndim != 1 or samples.dtype.name not in SAMPLE_DTYPES:
-        raise DatasetError(f"{path}: 'samples' must be 1-D of {'/'.join(SAMPLE_DTYPES)}, got {samples.dtype} {samples.shape}")
+        raise DatasetError(
+            f"{path}: 'samples' must be 1-D of {'/'.join(SAMPLE_DTYPES)}, got {samples.dtype} {samples.shape}"
+        )
     n = len(channels)
     if channels.ndim != 1 or channels.dtype.kind not in "iu":
         raise DatasetError(f"{path}: 'channels' must be a 1-D integer array, got {channels.dtype} {channels.shape}")
     if offsets.shape != (n + 1,) or offsets.dtype.kind not in "iu":
-        raise DatasetError(f"{path}: 'offsets' must be integers of shape ({n + 1},), got {offsets.dtype} {offsets.shape}")
+        raise DatasetError(
+            f"{path}: 'offsets' must be integers of shape ({n + 1},), got {offsets.dtype} {offsets.shape}"
+        )
     if fs.shape != (n,) or fs.dtype.kind not in "fiu":
         raise DatasetError(f"{path}: 'fs' must be numbers of shape ({n},), got {fs.dtype} {fs.shape}")
     offsets = offsets.astype(np.int64)
@@ -161,13 +167,17 @@ def load_dataset(path: Path | str, cfg: FeatureConfig, skip_bad: bool = False) -
         kind = key
         x = d[key]
         if x.ndim != 3 or x.dtype.kind != "f" or 0 in x.shape:
-            raise DatasetError(f"{path}: {key!r} must be a non-empty float array (events, channels, bins), got {x.dtype} {x.shape}")
+            raise DatasetError(
+                f"{path}: {key!r} must be a non-empty float array (events, channels, bins), got {x.dtype} {x.shape}"
+            )
         n = len(x)
         label = _strings(d, "label", n, path)
         if key == "spectra":
             freqs = _need(d, "freqs", path)
             if freqs.shape != (x.shape[2],) or not np.isfinite(freqs).all() or (np.diff(freqs) <= 0).any():
-                raise DatasetError(f"{path}: 'freqs' must be {x.shape[2]} increasing frequencies in Hz, got shape {freqs.shape}")
+                raise DatasetError(
+                    f"{path}: 'freqs' must be {x.shape[2]} increasing frequencies in Hz, got shape {freqs.shape}"
+                )
             try:
                 batch = featurise_spectra(x, freqs, cfg)
             except ValueError as e:

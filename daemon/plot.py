@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from model.checkpoint import ModelVersion
 
-def render(version, features: np.ndarray | None, labels: np.ndarray | None, out: Path) -> None:  # type: ignore[no-untyped-def]
+
+def render(version: ModelVersion, features: np.ndarray | None, labels: np.ndarray | None, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +41,9 @@ def render(version, features: np.ndarray | None, labels: np.ndarray | None, out:
         else:
             ax_l.text(0.5, 0.5, "no labels", ha="center", va="center", transform=ax_l.transAxes)
         with torch.no_grad():
-            x = torch.from_numpy(np.ascontiguousarray(features[show[:4]], np.float32).reshape(4 if len(show) >= 4 else len(show), -1))
+            x = torch.from_numpy(
+                np.ascontiguousarray(features[show[:4]], np.float32).reshape(4 if len(show) >= 4 else len(show), -1)
+            )
             mu_t, _ = version.model.encode(x)
             recon = version.model.decode(mu_t).numpy()
         n_in = x.shape[1]
@@ -50,11 +54,18 @@ def render(version, features: np.ndarray | None, labels: np.ndarray | None, out:
         ax_spec.set_xlabel("input bin (channels back to back)")
     else:
         means = version.clusterer.means
-        ax_c.scatter(means[:, 0], means[:, 1] if means.shape[1] > 1 else np.zeros(len(means)), c=version.clusterer.ids, cmap="tab20")
+        ax_c.scatter(
+            means[:, 0],
+            means[:, 1] if means.shape[1] > 1 else np.zeros(len(means)),
+            c=version.clusterer.ids,
+            cmap="tab20",
+        )
         for ident, m in zip(version.clusterer.ids, means, strict=True):
             ax_c.annotate(str(ident), m[:2] if len(m) > 1 else (m[0], 0))
         ax_l.text(0.5, 0.5, "give a data set to see events", ha="center", va="center", transform=ax_l.transAxes)
-        ax_spec.text(0.5, 0.5, "give a data set to see reconstructions", ha="center", va="center", transform=ax_spec.transAxes)
+        ax_spec.text(
+            0.5, 0.5, "give a data set to see reconstructions", ha="center", va="center", transform=ax_spec.transAxes
+        )
     ax_c.set_title(f"latent μ by cluster ({version.clusterer.k} clusters; −1 = novel)")
     if hist.get("rec"):
         ep = np.arange(len(hist["rec"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Any
 
 from model.train import EpochStats
 
@@ -10,8 +11,8 @@ from model.train import EpochStats
 class EpochProgress:
     def __init__(self, epochs: int, enabled: bool) -> None:
         self.epochs, self.enabled = epochs, enabled
-        self._progress = None
-        self._task = None
+        self._progress: Any = None
+        self._task: Any = None
 
     def __enter__(self) -> EpochProgress:
         if self.enabled:
@@ -33,8 +34,6 @@ class EpochProgress:
             info = f"β {s.beta:.3g} γ {s.gamma:.3g} rec {s.rec:.3f} KL {s.kl:.3f} val {s.val_rec:.3f}"
             self._progress.update(self._task, completed=s.epoch + 1, info=info)
 
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         if self._progress is not None:
             self._progress.__exit__(et, e, tb)

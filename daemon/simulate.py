@@ -10,6 +10,7 @@ its own frequency jitter, size, transit time and phase.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,9 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         if self.events < 1 or self.species < 1 or self.channels < 1:
-            raise ValueError(f"events, species and channels must be >= 1, got {self.events}, {self.species}, {self.channels}")
+            raise ValueError(
+                f"events, species and channels must be >= 1, got {self.events}, {self.species}, {self.channels}"
+            )
         if not 0 <= self.labelled_fraction <= 1:
             raise ValueError(f"labelled_fraction must be in [0, 1], got {self.labelled_fraction}")
         if not self.fs >= 4000:
@@ -55,7 +58,7 @@ class SimConfig:
             raise ValueError(f"need 0 < min_duration <= max_duration, got {self.min_duration}, {self.max_duration}")
 
 
-def species_table(k: int, rng: np.random.Generator) -> list[dict[str, float | str]]:
+def species_table(k: int, rng: np.random.Generator) -> list[dict[str, Any]]:
     """Per-species parameters; names beyond the known list are numbered."""
     out = []
     for j in range(k):

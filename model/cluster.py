@@ -149,7 +149,9 @@ def fit_clusterer(mu: np.ndarray, rec_error: np.ndarray, cfg: ClusterConfig) -> 
     )
 
 
-def align_ids(old: np.ndarray, new_components: np.ndarray, n_new: int, next_id: int, min_overlap: int = 1) -> np.ndarray:
+def align_ids(
+    old: np.ndarray, new_components: np.ndarray, n_new: int, next_id: int, min_overlap: int = 1
+) -> np.ndarray:
     """Stable IDs for a new mixture's components, from the same events assigned by both models.
 
     Parameters

@@ -177,15 +177,15 @@ def log_minmax(power: np.ndarray, eps: float | None, first_index: int = 0) -> Fe
         negative = finite & (flat < 0).any(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             flat = np.log10(flat + eps)
-        for i in np.flatnonzero(negative):
-            errors[i] = FeatureError(first_index + i, "negative_power", "power spectrum has negative values")
-    for i in np.flatnonzero(~finite):
-        errors[i] = FeatureError(first_index + i, "non_finite", "contains NaN or infinite values")
+        for neg in np.flatnonzero(negative).tolist():
+            errors[neg] = FeatureError(first_index + neg, "negative_power", "power spectrum has negative values")
+    for bad in np.flatnonzero(~finite).tolist():
+        errors[bad] = FeatureError(first_index + bad, "non_finite", "contains NaN or infinite values")
     with np.errstate(invalid="ignore"):
         lo = flat.min(axis=1, keepdims=True)
         span = flat.max(axis=1, keepdims=True) - lo
-    for i in np.flatnonzero(finite & ~(span[:, 0] > 0)):
-        errors.setdefault(i, FeatureError(first_index + i, "constant", "is constant: no spectral shape to learn"))
+    for flat_i in np.flatnonzero(finite & ~(span[:, 0] > 0)).tolist():
+        errors.setdefault(flat_i, FeatureError(first_index + flat_i, "constant", "is constant: no shape to learn"))
     ok = np.ones(n, dtype=bool)
     ok[list(errors)] = False
     with np.errstate(invalid="ignore", divide="ignore"):

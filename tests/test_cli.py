@@ -71,9 +71,19 @@ def test_bad_inputs_end_with_one_clear_line(tmp_path):
         "nonsense": (bad(tmp_path, "k.npz", foo=np.ones(3)), "not a Wingbeat data set"),
         "pickled": (bad(tmp_path, "p.npz", features=np.array([{"a": 1}], dtype=object)), "pickled objects"),
         "shape": (bad(tmp_path, "s.npz", features=np.ones((4, 10), np.float32)), "(events, channels, bins)"),
-        "nan": (bad(tmp_path, "n.npz", spectra=np.full((2, 1, 193), np.nan, np.float32), freqs=np.arange(193) * 10.4), "event 0"),
+        "nan": (
+            bad(tmp_path, "n.npz", spectra=np.full((2, 1, 193), np.nan, np.float32), freqs=np.arange(193) * 10.4),
+            "event 0",
+        ),
         "offsets": (
-            bad(tmp_path, "o.npz", samples=np.ones(10, np.int16), offsets=np.array([0, 4, 9]), channels=np.array([1, 1]), fs=np.array([2e4, 2e4])),
+            bad(
+                tmp_path,
+                "o.npz",
+                samples=np.ones(10, np.int16),
+                offsets=np.array([0, 4, 9]),
+                channels=np.array([1, 1]),
+                fs=np.array([2e4, 2e4]),
+            ),
             "'offsets' must rise",
         ),
         "labels": (bad(tmp_path, "l.npz", features=np.ones((2, 1, 5), np.float32), label=np.array([1, 2])), "'label'"),

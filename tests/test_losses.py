@@ -14,7 +14,9 @@ def test_kl_matches_closed_form_and_torch_distributions():
     assert float(losses.kl_standard_normal(mu, logvar)) == pytest.approx(sum(per) / 2)
     q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
     p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
-    assert float(losses.kl_standard_normal(mu, logvar)) == pytest.approx(float(torch.distributions.kl_divergence(q, p).sum(1).mean()))
+    assert float(losses.kl_standard_normal(mu, logvar)) == pytest.approx(
+        float(torch.distributions.kl_divergence(q, p).sum(1).mean())
+    )
 
 
 def test_kl_is_zero_at_the_prior():

@@ -29,8 +29,9 @@ def test_welch_equals_scipy_for_mixed_batch(dtype):
 
 def test_welch_other_sample_rate_matches_scipy():
     x = np.random.default_rng(2).normal(size=(2, 4000))
-    (freqs, psd), = welch([x], [10_000.0], CFG)
+    ((freqs, psd),) = welch([x], [10_000.0], CFG)
     np.testing.assert_allclose(psd, scipy_welch(x, 10_000.0), rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(freqs[1], 10_000.0 / 962)
     assert CFG.plan(10_000.0, 4000) == (481, 96, 962)
 
 
@@ -63,7 +64,7 @@ def test_features_are_log_then_minmax_per_event():
     rng = np.random.default_rng(3)
     x = rng.normal(0, 100, (2, 3000)).astype(np.int16)
     batch = featurise_events([x], [20_800.0], CFG)
-    (freqs, psd), = welch([x], [20_800.0], CFG, f_keep=CFG.f_max)
+    ((freqs, psd),) = welch([x], [20_800.0], CFG, f_keep=CFG.f_max)
     logp = np.log10(to_grid(freqs, psd, CFG.grid).astype(np.float64) + CFG.eps)
     expect = (logp - logp.min()) / (logp.max() - logp.min())  # min and max over both channels together
     np.testing.assert_allclose(batch.features[0], expect, atol=1e-6)
@@ -98,7 +99,9 @@ def test_spectra_and_feature_inputs():
     np.testing.assert_allclose(b.features, (logp - lo) / (hi - lo), atol=1e-6)
     z = rng.normal(size=(2, 1, 256)).astype(np.float32)  # z-normalised rows: no log may be taken
     s = scale_features(z)
-    np.testing.assert_allclose(s.features, (z - z.min(axis=(1, 2), keepdims=True)) / np.ptp(z, axis=(1, 2), keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(
+        s.features, (z - z.min(axis=(1, 2), keepdims=True)) / np.ptp(z, axis=(1, 2), keepdims=True), atol=1e-6
+    )
 
 
 def test_negative_power_and_off_grid_are_refused():

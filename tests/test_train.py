@@ -29,7 +29,14 @@ def test_same_seed_same_model_and_scores():
     for k, t in runs[0].model.state_dict().items():
         assert torch.equal(t, runs[1].model.state_dict()[k]), k
     assert runs[0].manifest["metrics"] == runs[1].manifest["metrics"]
-    other = build(x, y, VAEConfig(n_in=40), TrainConfig(**{**CFG.__dict__, "seed": 1}), ClusterConfig(k_max=5), torch.device("cpu"))
+    other = build(
+        x,
+        y,
+        VAEConfig(n_in=40),
+        TrainConfig(**{**CFG.__dict__, "seed": 1}),
+        ClusterConfig(k_max=5),
+        torch.device("cpu"),
+    )
     assert not torch.equal(other.model.state_dict()["out.weight"], runs[0].model.state_dict()["out.weight"])
 
 
