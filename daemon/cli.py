@@ -113,6 +113,7 @@ def train(
         bool, typer.Option(help="Behave as the paper's published code: its β-rule quirks, ReLU, last epoch kept.")
     ] = False,
     latent_dim: Annotated[int, typer.Option(min=1, help="Latent dimensions.")] = 2,
+    free_bits: Annotated[float, typer.Option(min=0.0, help="KL floor in nats per latent dimension (0 = off).")] = 0.0,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch.")] = 1,
     skip_bad: Annotated[
@@ -150,6 +151,7 @@ def train(
         beta=BetaConfig(mode=mode.value, fixed=beta, reference=reference),
         semi_supervised=semi_supervised,
         select="last" if reference else "best",
+        free_bits=free_bits,
     )
     if semi_supervised and ds.labelled.sum() == 0:
         raise ValueError(f"--semi-supervised: {data} has no labelled events")
