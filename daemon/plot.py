@@ -41,9 +41,7 @@ def render(version: ModelVersion, features: np.ndarray | None, labels: np.ndarra
         else:
             ax_l.text(0.5, 0.5, "no labels", ha="center", va="center", transform=ax_l.transAxes)
         with torch.no_grad():
-            x = torch.from_numpy(
-                np.ascontiguousarray(features[show[:4]], np.float32).reshape(4 if len(show) >= 4 else len(show), -1)
-            )
+            x = torch.from_numpy(np.ascontiguousarray(features[show[:4]], np.float32).reshape(len(show[:4]), -1))
             mu_t, _ = version.model.encode(x)
             recon = version.model.decode(mu_t).numpy()
         n_in = x.shape[1]
