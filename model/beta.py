@@ -8,6 +8,12 @@ epoch β last changed::
     ΔLrec = ψ[L_rec(t) − w3 · L_rec(t′)] + ψ[L_rec(t) − w4 · L_rec(t′)]
     β ← β − (b/4)(1 − ψ[Δreg])(1 + ψ[Δrec] + ΔLrec) + (a/4)(1 − ψ[Δrec])(1 − ψ[Δreg] − ΔLrec)
 
+The minima are the rule's memory of earlier optima. By default (``memory="since_change"``) they are taken over
+the epochs trained with the current β only: L_KL depends on β, so a minimum reached under a larger β is one the current β cannot
+reach. With the whole history (``memory="all"``, the paper), once β falls low L_KL settles above w2 · (its
+minimum under the old β), ψ[Δreg] = +1 zeroes both terms, and β stays low for good (measured: β = 0.001 from
+epoch ~60 to 1000 in one of three seeds, docs/RESULTS.md).
+
 ``reference=True`` reproduces the published code's quirks: the histories' minimum includes epoch t, t′ starts
 at the first warm-up epoch (β = 0, so the first decision always sees "reconstruction far better than at t′"
 and β jumps), and the rule stops for good once β reaches the cap. The default starts the histories and t′ at
@@ -39,11 +45,14 @@ class BetaConfig:
     w4: float = 1.1
     cap: float = 2.0
     reset: float = 0.05  # β when the rule would take it to ≤ 0
+    memory: str = "since_change"  # since_change | all: which past epochs the minima cover (all with reference)
     reference: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.memory not in ("since_change", "all"):
+            raise ValueError(f"memory must be since_change or all, got {self.memory!r}")
         if self.warmup < 0 or self.interval < 1:
             raise ValueError(f"warmup must be >= 0 and interval >= 1, got {self.warmup} and {self.interval}")
         if not (0 < self.reset <= self.cap and self.start > 0 and self.fixed >= 0):
@@ -60,6 +69,7 @@ class BetaSchedule:
     rec: list[float] = field(default_factory=list)  # L_rec of epochs in the rule's history
     kl: list[float] = field(default_factory=list)
     t_prime: int | None = None  # epoch β last changed (or the baseline epoch)
+    t_prime_index: int = 0  # position in ``rec`` / ``kl`` of the first epoch trained with the current β
     rec_at_change: float | None = None  # L_rec(t′)
     last_decision: int = -1
     frozen: bool = False
@@ -89,11 +99,13 @@ class BetaSchedule:
         self.kl.append(float(kl))
         if self.rec_at_change is None:  # first epoch with β > 0: the baseline of the rule
             self.t_prime, self.rec_at_change, self.last_decision = t, float(rec), t
+            self.t_prime_index = len(self.rec) - 1
             return self.beta
         if t - self.last_decision < cfg.interval:
             return self.beta
-        past = slice(None) if cfg.reference else slice(None, -1)
-        if not self.rec[past]:
+        since = 0 if (cfg.reference or cfg.memory == "all") else self.t_prime_index
+        past = slice(since, None) if cfg.reference else slice(since, -1)
+        if not self.rec[past]:  # no epoch with this β yet (interval 1, right after a change)
             return self.beta
         self.last_decision = t
         new = self.beta + beta_step(cfg, rec, kl, min(self.rec[past]), min(self.kl[past]), self.rec_at_change)
@@ -104,6 +116,7 @@ class BetaSchedule:
             self.frozen = cfg.reference
         if new != self.beta:
             self.t_prime, self.rec_at_change = t, float(rec)
+            self.t_prime_index = len(self.rec)  # epoch t still ran with the old β
             self.changes.append(t)
         self.beta = float(new)
         return self.beta

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.beta import BetaSchedule
 from model.cluster import ClusterConfig, LatentClusterer, fit_clusterer
 from model.evaluate import scores
 from model.train import EpochStats, TrainConfig, TrainResult, encode_mu, fit
@@ -42,13 +43,22 @@ def build(
     cluster_cfg: ClusterConfig,
     device: torch.device,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    init: dict[str, torch.Tensor] | None = None,
+    schedule: BetaSchedule | None = None,
 ) -> Built:
-    """Train on ``features`` (events, channels, bins) with species ``labels`` (events,) str, "" = unlabelled."""
+    """Train on ``features`` (events, channels, bins) with species ``labels`` (events,) str, "" = unlabelled.
+
+    ``init`` (weights) and ``schedule`` (its β state) continue a model: a fine-tune. Otherwise training starts
+    from seeded random weights and the whole β schedule.
+    """
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32).reshape(len(features), -1)).to(device)
     codes, names = label_codes(labels)
     torch.manual_seed(train_cfg.seed)  # initial weights depend on the seed alone
-    model = VAE(vae_cfg).to(device)
-    result = fit(model, x, train_cfg, torch.from_numpy(codes), on_epoch=on_epoch)
+    model = VAE(vae_cfg)
+    if init is not None:
+        model.load_state_dict(init)
+    model.to(device)
+    result = fit(model, x, train_cfg, torch.from_numpy(codes), schedule=schedule, on_epoch=on_epoch)
     mu, err = (t.double().cpu().numpy() for t in encode_mu(model, x))
     clusterer = fit_clusterer(mu, err, cluster_cfg)
     assigned = clusterer.assign(mu, err)

@@ -24,16 +24,45 @@ TABLE = [(10, 5), (8, 5), (5, 2), (4, 1.5), (6, 1.4), (6, 3)]
 
 
 def test_rule_against_hand_made_table():
-    cfg = BetaConfig(warmup=2, interval=1)
+    cfg = BetaConfig(warmup=2, interval=1, memory="all")
     assert run(cfg, TABLE) == pytest.approx([0, 0, 0.001, 0.001, 0.451, 0.351, 0.351])
+
+
+# The same with the default memory (minima over epochs trained with the current β only):
+#  t=3 decides as above (history [t=2]) → 0.451; t=4: no epoch has run with 0.451 yet → no decision;
+#  t=5 (6, 3): history [t=4] → Δrec = 6 − 7.2 < 0, Δreg = 3 − 1.68 > 0, ΔLrec = ψ(6 − 3.6) + ψ(6 − 4.4) = 2
+#              → down term 0 (1 − ψΔreg = 0); up (a/4)·2·(1 − 1 − 2) = −0.2 → 0.251
+def test_rule_with_memory_since_change():
+    assert run(BetaConfig(warmup=2, interval=1), TABLE) == pytest.approx([0, 0, 0.001, 0.001, 0.451, 0.451, 0.251])
+
+
+def closed_loop(cfg: BetaConfig, epochs: int) -> list[float]:
+    """A toy of what one seed of the paper's data did: a small β reconstructs well (L_rec 2) with a large KL (12);
+    β ≥ 0.1 costs reconstruction (3) and buys a small KL (5). Returns β of every epoch."""
+    s = BetaSchedule(cfg)
+    used = []
+    for _ in range(epochs):
+        used.append(s.beta)
+        s.observe(*((2.0, 12.0) if s.beta < 0.1 else (3.0, 5.0)))
+    return used
+
+
+def test_memory_since_change_stops_the_whole_history_oscillation():
+    # Whole history: at a large β, L_rec 3 > 1.2 · 2 (the minimum from small-β epochs) → β ↓; at a small β,
+    # L_rec 2 < 0.9 · 3 → β ↑; so β swings between ~0.1 and ~0.25 for ever (seed 1 measured 0.001 ↔ 0.2).
+    swings = closed_loop(BetaConfig(warmup=2, interval=2, memory="all"), 80)
+    assert max(swings) < 0.3 and min(swings[30:]) < 0.11
+    # Minima over the current β's epochs only: the large β is judged against itself, and climbs to the cap.
+    climbs = closed_loop(BetaConfig(warmup=2, interval=2), 80)
+    assert climbs[-1] == pytest.approx(2.0) and min(climbs[30:]) > 0.1
 
 
 def test_state_is_explicit_and_records_changes():
     s = BetaSchedule(BetaConfig(warmup=2, interval=1))
     for rec, kl in TABLE:
         s.observe(rec, kl)
-    assert s.changes == [3, 4]
-    assert (s.t_prime, s.rec_at_change) == (4, 6)
+    assert s.changes == [3, 5]
+    assert (s.t_prime, s.rec_at_change, s.t_prime_index) == (5, 6, 4)
     assert s.rec == [5, 4, 6, 6] and s.kl == [2, 1.5, 1.4, 3]
     again = BetaSchedule.from_dict(s.to_dict())
     assert again == s

@@ -11,9 +11,10 @@ def blobs(seed: int = 0, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
     return centres[y] + rng.normal(0, 0.5, (n, 2)), y
 
 
-def test_bic_finds_three_blobs_and_ids_follow_size():
+@pytest.mark.parametrize("method", ["dp", "bic"])
+def test_finds_three_blobs_and_ids_follow_size(method):
     mu, y = blobs()
-    c = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(k_max=6))
+    c = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(method=method, k_max=6))
     assert c.k == 3
     assert np.all(np.diff(c.weights) <= 0) and c.ids.tolist() == [0, 1, 2]
     a = c.assign(mu, np.ones(len(mu)))
@@ -21,7 +22,32 @@ def test_bic_finds_three_blobs_and_ids_follow_size():
     from sklearn.metrics import adjusted_rand_score
 
     assert adjusted_rand_score(y, a.cluster) > 0.97
-    assert c.bic[:, 0].tolist() == list(range(1, 7))
+    assert c.bic[:, 0].tolist() == (list(range(1, 7)) if method == "bic" else [])
+
+
+def arcs(seed: int = 0, n: int = 1500) -> tuple[np.ndarray, np.ndarray]:
+    """Two thin curved bands, the shape a VAE latent takes: BIC tiles each band with many Gaussians."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    t = rng.uniform(0, np.pi, n)
+    r = np.where(y == 0, 3.0, 6.0) + rng.normal(0, 0.1, n)
+    return np.c_[r * np.cos(t), r * np.sin(t)], y
+
+
+def test_dp_mixture_does_not_tile_curved_clusters_like_bic():
+    from sklearn.metrics import adjusted_rand_score
+
+    mu, y = arcs()
+    dp = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(method="dp", k_max=20))
+    bic = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(method="bic", k_max=20))
+    assert dp.k < bic.k
+    score = {m: adjusted_rand_score(y, c.components(mu)) for m, c in (("dp", dp), ("bic", bic))}
+    assert score["dp"] > score["bic"]
+
+
+def test_cluster_config_refuses_unknown_method():
+    with pytest.raises(ValueError, match="method"):
+        ClusterConfig(method="kmeans")
 
 
 def test_far_points_and_bad_reconstructions_are_novel():

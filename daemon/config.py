@@ -1,0 +1,208 @@
+"""The daemon's configuration: one TOML file, every key with a default, flags on top. Validation names the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """One line naming the key and the problem."""
+
+
+@dataclass(frozen=True)
+class Ingest:
+    endpoint: str = "tcp://127.0.0.1:5555"  # ROUTER: acks after commit
+    plain_endpoint: str = ""  # optional PULL for senders that cannot read acks ("" = off)
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_channels: int = 8
+    min_samples: int = 64
+    batch_max: int = 256  # micro-batch: up to this many events …
+    batch_wait_ms: float = 5.0  # … or this long after the first, whichever first
+    quarantine_keep: int = 100_000  # rows of quarantine kept (oldest dropped first)
+    quarantine_frame_bytes: int = 65_536  # bytes of each rejected message kept
+
+
+@dataclass(frozen=True)
+class Publish:
+    endpoint: str = "tcp://127.0.0.1:5556"
+    hwm: int = 100_000  # per-subscriber queue; beyond it messages are dropped (and counted), ingest never blocks
+
+
+@dataclass(frozen=True)
+class Metrics:
+    listen: str = "127.0.0.1:9464"  # HOST:PORT of /metrics and /healthz ("" = off)
+    max_sensors: int = 64  # sensors with their own label; the rest are counted as "other"
+
+
+@dataclass(frozen=True)
+class Store:
+    raw_max_age_days: float = 30.0  # 0 = keep raw samples forever (until the size cap)
+    raw_max_bytes: int = 2 * 1024**3
+    min_free_bytes: int = 64 * 1024**2  # below this free space on the state's disk, raw samples are not kept
+
+
+@dataclass(frozen=True)
+class Training:
+    first_after: int = 2000  # events before the first training
+    finetune_every_events: int = 5000
+    finetune_every_s: float = 3600.0  # 0 = only by events
+    full_every_events: int = 50_000
+    epochs_first: int = 300
+    epochs_finetune: int = 50
+    epochs_full: int = 300
+    max_events: int = 50_000  # events per training (the newest, plus an even sample of older ones)
+    drift_novelty: float = 0.05  # retrain when the recent novel fraction exceeds this …
+    drift_rec_ratio: float = 2.0  # … or recent reconstruction error exceeds this × the model's training error
+    drift_window: int = 2000  # events over which drift is measured
+    gate_rec_tolerance: float = 0.10  # a new model may reconstruct held-out events at most 10 % worse
+    gate_ari_tolerance: float = 0.02  # … and lose at most this much ARI on labelled events
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 1  # torch threads of the trainer process
+    backoff_s: float = 30.0  # after a failed training, wait this long (doubling, up to 1 h) before the next
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: str = "wingbeat-state"
+    model: str = ""  # a model version directory to start from ("" = the newest good one in the state, or none)
+    ingest: Ingest = field(default_factory=Ingest)
+    publish: Publish = field(default_factory=Publish)
+    metrics: Metrics = field(default_factory=Metrics)
+    store: Store = field(default_factory=Store)
+    training: Training = field(default_factory=Training)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHECKS: dict[str, tuple[Any, str]] = {
+    "ingest.max_message_bytes": (lambda v: v >= 1024, "must be at least 1024"),
+    "ingest.max_channels": (lambda v: 1 <= v <= 64, "must be in 1–64"),
+    "ingest.min_samples": (lambda v: v >= 8, "must be at least 8"),
+    "ingest.batch_max": (lambda v: 1 <= v <= 10_000, "must be in 1–10000"),
+    "ingest.batch_wait_ms": (lambda v: 0 <= v <= 1000, "must be in 0–1000"),
+    "ingest.quarantine_keep": (lambda v: v >= 1, "must be at least 1"),
+    "ingest.quarantine_frame_bytes": (lambda v: v >= 0, "must be ≥ 0"),
+    "publish.hwm": (lambda v: v >= 1, "must be at least 1"),
+    "metrics.max_sensors": (lambda v: v >= 1, "must be at least 1"),
+    "store.raw_max_age_days": (lambda v: v >= 0, "must be ≥ 0"),
+    "store.raw_max_bytes": (lambda v: v >= 0, "must be ≥ 0"),
+    "store.min_free_bytes": (lambda v: v >= 0, "must be ≥ 0"),
+    "training.first_after": (lambda v: v >= 16, "must be at least 16"),
+    "training.finetune_every_events": (lambda v: v >= 1, "must be at least 1"),
+    "training.finetune_every_s": (lambda v: v >= 0, "must be ≥ 0"),
+    "training.full_every_events": (lambda v: v >= 1, "must be at least 1"),
+    "training.epochs_first": (lambda v: v >= 1, "must be at least 1"),
+    "training.epochs_finetune": (lambda v: v >= 1, "must be at least 1"),
+    "training.epochs_full": (lambda v: v >= 1, "must be at least 1"),
+    "training.max_events": (lambda v: v >= 16, "must be at least 16"),
+    "training.drift_novelty": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "training.drift_rec_ratio": (lambda v: v > 1, "must be > 1"),
+    "training.drift_window": (lambda v: v >= 10, "must be at least 10"),
+    "training.gate_rec_tolerance": (lambda v: v >= 0, "must be ≥ 0"),
+    "training.gate_ari_tolerance": (lambda v: 0 <= v <= 2, "must be in 0–2"),
+    "training.device": (lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
+    "training.threads": (lambda v: 1 <= v <= 256, "must be in 1–256"),
+    "training.backoff_s": (lambda v: v >= 0, "must be ≥ 0"),
+}
+
+
+def _endpoint_ok(v: str, optional: bool) -> bool:
+    if optional and v == "":
+        return True
+    return v.startswith(("tcp://", "ipc://", "inproc://")) and len(v) > 6
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(known)})")
+    values: dict[str, Any] = {}
+    for name in known:
+        if name not in data:
+            continue
+        v, path = data[name], f"{prefix}{name}"
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{path}: must be a table, got {type(v).__name__}")
+            values[name] = _build(type(default), v, path + ".")
+            continue
+        want = type(default)
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if type(v) is not want:
+            raise ConfigError(f"{path}: must be {want.__name__}, got {type(v).__name__} {v!r}")
+        check = CHECKS.get(path)
+        if check and not check[0](v):
+            raise ConfigError(f"{path}: {check[1]}, got {v!r}")
+        values[name] = v
+    return cls(**values)
+
+
+def validate(cfg: Config) -> Config:
+    if not _endpoint_ok(cfg.ingest.endpoint, optional=False):
+        raise ConfigError(
+            f"ingest.endpoint: not a ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH): {cfg.ingest.endpoint!r}"
+        )
+    if not _endpoint_ok(cfg.ingest.plain_endpoint, optional=True):
+        raise ConfigError(f"ingest.plain_endpoint: not a ZeroMQ endpoint: {cfg.ingest.plain_endpoint!r}")
+    if not _endpoint_ok(cfg.publish.endpoint, optional=False):
+        raise ConfigError(f"publish.endpoint: not a ZeroMQ endpoint: {cfg.publish.endpoint!r}")
+    if cfg.metrics.listen:
+        host, _, port = cfg.metrics.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(f"metrics.listen: must be HOST:PORT, got {cfg.metrics.listen!r}")
+    if not cfg.state_dir:
+        raise ConfigError("state_dir: must not be empty")
+    return cfg
+
+
+def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """The effective config: defaults, then the file, then ``overrides`` (dotted keys → values, None = unset)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return validate(_build(Config, data, ""))
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective config as TOML, for ``check-config``."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    for k, v in cfg.to_dict().items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for name, table in tables:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)

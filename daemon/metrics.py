@@ -1,0 +1,162 @@
+"""Prometheus metrics of the daemon (DESIGN §7) and the HTTP endpoint serving ``/metrics`` and ``/healthz``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, max_sensors: int = 64) -> None:
+        self.registry = r = CollectorRegistry()
+        self.max_sensors = max_sensors
+        self._sensors: set[str] = set()
+        try:
+            ver = version("wingbeat")
+        except PackageNotFoundError:
+            ver = "unknown"
+        Info("wingbeat_build", "Wingbeat build information.", registry=r).info({"version": ver})
+        self.received = Counter("wingbeat_events_received_total", "Ingest messages received.", ["endpoint"], registry=r)
+        self.stored = Counter("wingbeat_events_stored_total", "Events committed to the store.", ["sensor"], registry=r)
+        self.rejected = Counter(
+            "wingbeat_events_rejected_total", "Ingest messages refused, by reason.", ["reason"], registry=r
+        )
+        self.duplicates = Counter(
+            "wingbeat_events_duplicate_total", "Events received again (already stored).", registry=r
+        )
+        self.gaps = Counter(
+            "wingbeat_sequence_gaps_total", "Sequence numbers skipped by senders.", ["sensor"], registry=r
+        )
+        self.acks = Counter("wingbeat_acks_sent_total", "Acknowledgements sent, by status.", ["status"], registry=r)
+        self.published = Counter("wingbeat_outputs_published_total", "Outputs published.", registry=r)
+        self.publish_dropped = Counter(
+            "wingbeat_publish_dropped_total", "Outputs a subscriber could not take (high-water mark).", registry=r
+        )
+        self.novel = Counter("wingbeat_events_novel_total", "Events assigned no cluster (novel).", registry=r)
+        self.per_cluster = Counter(
+            "wingbeat_cluster_events_total", "Events assigned to each cluster.", ["cluster"], registry=r
+        )
+        self.latency = Histogram(
+            "wingbeat_receive_to_publish_seconds",
+            "Time from receiving an event to publishing its output.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ack_latency = Histogram(
+            "wingbeat_receive_to_ack_seconds",
+            "Time from receiving an event to acknowledging it.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch = Histogram(
+            "wingbeat_batch_events",
+            "Events per micro-batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.backlog = Gauge("wingbeat_backlog_events", "Stored events waiting for an output.", registry=r)
+        self.store_bytes = Gauge("wingbeat_store_bytes", "Size of the store's database file.", registry=r)
+        self.raw_bytes = Gauge("wingbeat_store_raw_bytes", "Bytes of raw samples kept.", registry=r)
+        self.disk_free = Gauge(
+            "wingbeat_disk_free_bytes", "Free bytes on the state directory's filesystem.", registry=r
+        )
+        self.raw_paused = Gauge(
+            "wingbeat_raw_paused", "1 while raw samples are not kept (disk low or full).", registry=r
+        )
+        self.store_errors = Counter("wingbeat_store_errors_total", "Failed store transactions.", ["op"], registry=r)
+        self.quarantine = Gauge("wingbeat_quarantine_rows", "Rejected messages kept in quarantine.", registry=r)
+        self.model_version = Gauge("wingbeat_model_version", "Serving model version (0 = none).", registry=r)
+        self.model_age = Gauge(
+            "wingbeat_model_updated_timestamp_seconds", "When the serving model was swapped in.", registry=r
+        )
+        self.clusters = Gauge("wingbeat_model_clusters", "Clusters of the serving model.", registry=r)
+        self.beta = Gauge("wingbeat_model_beta", "β of the serving model at the end of its training.", registry=r)
+        self.models_rejected = Counter(
+            "wingbeat_models_rejected_total", "Model versions refused (gate or unreadable).", ["reason"], registry=r
+        )
+        self.train_runs = Counter(
+            "wingbeat_training_runs_total", "Training runs by kind and outcome.", ["kind", "outcome"], registry=r
+        )
+        self.train_seconds = Histogram(
+            "wingbeat_training_duration_seconds",
+            "Wall time of training runs.",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+            registry=r,
+        )
+        self.training = Gauge("wingbeat_training_active", "1 while a training runs.", registry=r)
+        self.train_epoch = Gauge("wingbeat_training_epoch", "Epoch of the running training.", registry=r)
+        self.train_beta = Gauge("wingbeat_training_beta", "β of the running training.", registry=r)
+        self.train_gamma = Gauge("wingbeat_training_gamma", "γ of the running training.", registry=r)
+        self.train_loss = Gauge(
+            "wingbeat_training_loss", "Losses of the running training's last epoch.", ["term"], registry=r
+        )
+        self.train_failures = Gauge(
+            "wingbeat_training_consecutive_failures", "Training runs failed in a row.", registry=r
+        )
+        self.last_event = Gauge(
+            "wingbeat_sensor_last_event_timestamp_seconds",
+            "When a sensor's last event was stored.",
+            ["sensor"],
+            registry=r,
+        )
+        self.loop_heartbeat = Gauge(
+            "wingbeat_loop_heartbeat_timestamp_seconds", "Last time the serving loop ran.", registry=r
+        )
+        self.up_since = Gauge("wingbeat_start_time_seconds", "When the daemon started.", registry=r)
+        self.up_since.set(time.time())
+
+    def sensor(self, name: str) -> str:
+        """The label for a sensor: itself for the first ``max_sensors`` seen, "other" after that."""
+        if name in self._sensors:
+            return name
+        if len(self._sensors) < self.max_sensors:
+            self._sensors.add(name)
+            return name
+        return "other"
+
+
+class MetricsServer:
+    """``/metrics`` (Prometheus text) and ``/healthz`` (200 while the serving loop made progress recently)."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int, stale_after_s: float = 10.0) -> None:
+        registry = metrics.registry
+        heartbeat = metrics.loop_heartbeat
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    body, status, ctype = generate_latest(registry), 200, CONTENT_TYPE_LATEST
+                elif path == "/healthz":
+                    age = time.time() - heartbeat._value.get()
+                    ok = age < stale_after_s
+                    body = f"{'ok' if ok else 'stalled'}: loop ran {age:.1f} s ago\n".encode()
+                    status, ctype = (200 if ok else 503), "text/plain; charset=utf-8"
+                else:
+                    body, status, ctype = b"not found: try /metrics or /healthz\n", 404, "text/plain"
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,192 @@
+"""Wire protocol v1 (DESIGN §2) as pure functions: frames in, an event or a named rejection out. No sockets.
+
+Ingest, multipart: ``rec.<sensor>`` · UTF-8 JSON header · raw little-endian C-order samples.
+Ack (ROUTER → DEALER): ``[b"ack", {"sensor", "seq", "status"}]`` with status ``stored`` (committed now),
+``duplicate`` (committed earlier) or ``rejected`` (with ``reason``; resending will not help).
+Output: ``cluster.<sensor>`` · UTF-8 JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard
+
+import numpy as np
+
+VERSION = 1
+SENSOR_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+DTYPES = {name: np.dtype(name).newbyteorder("<") for name in ("int16", "uint16", "int32", "float32", "float64")}
+HEADER_KEYS = {"v", "sensor", "seq", "t0_ns", "fs", "dtype", "shape", "label", "meta"}
+MAX_HEADER_BYTES = 16_384
+MAX_META_BYTES = 4_096
+MAX_LABEL_CHARS = 128
+
+# Every reason a message can be refused for; metrics and quarantine use exactly these names.
+REASONS = (
+    "frames",  # not three frames
+    "topic",  # topic not rec.<sensor>, or not the header's sensor
+    "json",  # header not UTF-8 JSON object
+    "version",  # v missing or not 1
+    "header",  # a field missing, of the wrong type, or out of range
+    "dtype",  # unknown sample type
+    "length",  # payload length ≠ channels × samples × itemsize
+    "too_few_samples",
+    "too_many_channels",
+    "too_many_samples",
+    "non_finite",  # NaN or ±Inf in float samples
+    "oversize",  # message above the size cap (refused by ZeroMQ on the socket, or counted here)
+    "duplicate",  # (sensor, seq) already stored
+    "featurise",  # decodable, but no spectrum can be made (constant signal, sample rate below the grid …)
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_channels: int = 8
+    min_samples: int = 64
+    max_samples: int = 2_000_000
+    max_message_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass
+class Event:
+    sensor: str
+    seq: int
+    t0_ns: int
+    fs: float
+    dtype: str
+    channels: int
+    samples: np.ndarray  # (channels, n) in the sender's dtype
+    label: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reject:
+    reason: str
+    detail: str
+    sensor: str | None = None
+    seq: int | None = None
+
+    def __post_init__(self) -> None:
+        assert self.reason in REASONS, self.reason
+
+
+def _int(v: Any) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def decode_ingest(frames: list[bytes], limits: Limits = Limits()) -> Event | Reject:
+    """Decode one ingest message; never raises on any input."""
+    if sum(len(f) for f in frames) > limits.max_message_bytes:
+        return Reject("oversize", f"{sum(len(f) for f in frames)} bytes > {limits.max_message_bytes}")
+    if len(frames) != 3:
+        return Reject("frames", f"expected 3 frames (topic, header, payload), got {len(frames)}")
+    topic, raw_header, payload = frames
+    if len(raw_header) > MAX_HEADER_BYTES:
+        return Reject("header", f"header is {len(raw_header)} bytes (max {MAX_HEADER_BYTES})")
+    try:
+        header = json.loads(raw_header.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        return Reject("json", f"header is not UTF-8 JSON: {str(e)[:80]}")
+    if not isinstance(header, dict):
+        return Reject("json", f"header is a JSON {type(header).__name__}, not an object")
+    sensor = header.get("sensor")
+    seq = header.get("seq")
+    s_ok: str | None = sensor if isinstance(sensor, str) and SENSOR_RE.fullmatch(sensor) else None
+    q_ok: int | None = seq if _int(seq) and 0 <= seq < 2**63 else None
+
+    def rej(reason: str, detail: str) -> Reject:
+        return Reject(reason, detail, s_ok, q_ok)
+
+    if header.get("v") != VERSION or isinstance(header.get("v"), bool):
+        return rej("version", f"v must be {VERSION}, got {header.get('v')!r}"[:120])
+    if s_ok is None:
+        return rej("header", "sensor must match [A-Za-z0-9_.-]{1,64}")
+    if q_ok is None:
+        return rej("header", "seq must be an integer in [0, 2^63)")
+    try:
+        topic_s = topic.decode("ascii")
+    except UnicodeDecodeError:
+        topic_s = ""
+    if topic_s != f"rec.{s_ok}":
+        return rej("topic", f"topic {topic[:80]!r} is not rec.{sensor}")
+    unknown = set(header) - HEADER_KEYS
+    if unknown:
+        return rej("header", f"unknown header keys {sorted(unknown)[:5]}")
+    t0, fs = header.get("t0_ns"), header.get("fs")
+    if not (_int(t0) and 0 <= t0 < 2**63):
+        return rej("header", "t0_ns must be an integer ns since the Unix epoch")
+    if not (isinstance(fs, int | float) and not isinstance(fs, bool) and math.isfinite(fs) and 0 < fs <= 1e7):
+        return rej("header", f"fs must be a number in (0, 1e7] Hz, got {fs!r}"[:120])
+    label = header.get("label", "")
+    if not isinstance(label, str) or len(label) > MAX_LABEL_CHARS:
+        return rej("header", f"label must be a string of at most {MAX_LABEL_CHARS} characters")
+    meta = header.get("meta", {})
+    if not isinstance(meta, dict) or len(json.dumps(meta)) > MAX_META_BYTES:
+        return rej("header", f"meta must be a JSON object of at most {MAX_META_BYTES} bytes")
+    dtype = header.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        return rej("dtype", f"dtype {dtype!r} is not one of {sorted(DTYPES)}"[:160])
+    shape = header.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_int(v) for v in shape)):
+        return rej("header", "shape must be [channels, samples] integers")
+    channels, n = shape
+    if channels < 1 or channels > limits.max_channels:
+        return rej("too_many_channels", f"{channels} channels (allowed 1–{limits.max_channels})")
+    if n < limits.min_samples:
+        return rej("too_few_samples", f"{n} samples per channel (need ≥ {limits.min_samples})")
+    if n > limits.max_samples:
+        return rej("too_many_samples", f"{n} samples per channel (max {limits.max_samples})")
+    dt = DTYPES[dtype]
+    if len(payload) != channels * n * dt.itemsize:
+        return rej("length", f"payload {len(payload)} bytes ≠ {channels} × {n} × {dt.itemsize} for {dtype}")
+    samples = np.frombuffer(payload, dtype=dt).reshape(channels, n)
+    if dt.kind == "f" and not np.isfinite(samples).all():
+        return rej("non_finite", "samples contain NaN or Inf")
+    return Event(s_ok, q_ok, t0, float(fs), dtype, channels, samples, label, meta)
+
+
+def encode_ingest(event: Event) -> list[bytes]:
+    header = {
+        "v": VERSION,
+        "sensor": event.sensor,
+        "seq": event.seq,
+        "t0_ns": event.t0_ns,
+        "fs": event.fs,
+        "dtype": event.dtype,
+        "shape": [event.channels, int(event.samples.shape[-1])],
+    }
+    if event.label:
+        header["label"] = event.label
+    if event.meta:
+        header["meta"] = event.meta
+    data = np.ascontiguousarray(event.samples, dtype=DTYPES[event.dtype]).tobytes()
+    return [f"rec.{event.sensor}".encode(), json.dumps(header).encode(), data]
+
+
+def encode_ack(sensor: str | None, seq: int | None, status: str, reason: str = "") -> list[bytes]:
+    body: dict[str, Any] = {"sensor": sensor, "seq": seq, "status": status}
+    if reason:
+        body["reason"] = reason
+    return [b"ack", json.dumps(body).encode()]
+
+
+def decode_ack(frames: list[bytes]) -> dict[str, Any] | None:
+    """The ack's body, or None for anything that is not a well-formed ack."""
+    if len(frames) != 2 or frames[0] != b"ack":
+        return None
+    try:
+        body = json.loads(frames[1])
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or body.get("status") not in ("stored", "duplicate", "rejected"):
+        return None
+    return body
+
+
+def encode_output(output: dict[str, Any]) -> list[bytes]:
+    return [f"cluster.{output['sensor']}".encode(), json.dumps({"v": VERSION, **output}).encode()]

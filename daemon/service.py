@@ -1,0 +1,809 @@
+"""``wingbeat run``: the serving loop (DESIGN §1, §2, §5–§7).
+
+One loop, micro-batches: receive → decode → featurise → commit (events, features, raw, quarantine) → ack →
+encode and cluster everything without an output, oldest first → commit outputs → publish. Training runs in a
+child process (``daemon.trainer``); the loop reads its reports, gates the version it wrote and swaps it in
+between batches. Signals only set flags; the loop acts on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from daemon import logs
+from daemon.config import Config
+from daemon.metrics import Metrics, MetricsServer
+from daemon.protocol import Event, Limits, Reject, decode_ingest, encode_ack, encode_output
+from daemon.store import NewEvent, Output, Store
+from daemon.versions import read_version
+from model.checkpoint import CheckpointError, ModelVersion
+from model.cluster import NOVEL
+from model.predict import predict
+from model.spectra import FeatureConfig, featurise_events
+
+RETRAIN_REQUEST = "retrain-request"
+VERSION_DIR = re.compile(r"v(\d+)")
+# Keys a SIGHUP may change; everything else needs a restart.
+RELOADABLE = ("training", "store", "ingest.batch_max", "ingest.batch_wait_ms", "ingest.quarantine_keep")
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (``Type=notify``) how we are; a no-op outside systemd. Abstract sockets start with '@'."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError:
+        pass
+
+
+@dataclass
+class Received:
+    frames: list[bytes]
+    identity: bytes | None  # ROUTER peer to ack, None for the plain endpoint
+    t: float  # monotonic receive time
+    endpoint: str
+
+
+@dataclass
+class TrainerRun:
+    proc: subprocess.Popen[bytes]
+    kind: str
+    version: int
+    started: float
+    reports: queue.Queue[dict[str, Any]]
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    readers: list[threading.Thread] = field(default_factory=list)
+    done: dict[str, Any] | None = None
+    error: str = ""
+
+
+def gate(metrics: dict[str, Any], rec_tolerance: float, ari_tolerance: float) -> str:
+    """Why a new version may not serve ("" = it may): held-out reconstruction and labelled ARI vs its parent."""
+    new, old = metrics.get("val_rec"), metrics.get("parent_val_rec")
+    if new is None or not np.isfinite(new):
+        return "held-out reconstruction error is not finite"
+    if old is not None and np.isfinite(old) and new > old * (1 + rec_tolerance):
+        return f"held-out reconstruction error {new:.4g} is worse than the serving model's {old:.4g}"
+    a_new, a_old = metrics.get("ari"), metrics.get("parent_ari")
+    if a_new is not None and a_old is not None and a_new < a_old - ari_tolerance:
+        return f"ARI on labelled events {a_new:.3f} is below the serving model's {a_old:.3f}"
+    return ""
+
+
+class Service:
+    def __init__(self, cfg: Config, config_path: Path | None = None, overrides: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self._overrides = overrides or {}  # command-line flags: they win over the file on reload too
+        self.log = logs.get()
+        self.state = Path(cfg.state_dir)
+        self.models_dir = self.state / "models"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.state)
+        self.metrics = Metrics(cfg.metrics.max_sensors)
+        self.features = FeatureConfig()
+        self.limits = Limits(
+            max_channels=cfg.ingest.max_channels,
+            min_samples=cfg.ingest.min_samples,
+            max_message_bytes=cfg.ingest.max_message_bytes,
+        )
+        self.model: ModelVersion | None = None
+        self.version = 0
+        self.trainer: TrainerRun | None = None
+        self.failures = 0
+        self.next_training_at = 0.0  # monotonic time before which no training starts (backoff)
+        self.last_training_events = 0
+        self.last_training_time = time.monotonic()
+        self.recent_novel: deque[bool] = deque(maxlen=cfg.training.drift_window)
+        self.recent_rec: deque[float] = deque(maxlen=cfg.training.drift_window)
+        self.last_seq: dict[str, int] = {
+            s: q for s, q in self.store.db.execute("SELECT sensor, max(seq) FROM events GROUP BY sensor")
+        }
+        self.received_at: dict[tuple[str, int], float] = {}
+        self.to_mark: list[int] = []
+        self.keep_raw = True
+        self.stop = False
+        self.reload = False
+        self.retrain = False
+        self.events_window: deque[tuple[float, int]] = deque(maxlen=64)
+        self.last_housekeeping = 0.0
+        self.ctx = zmq.Context()
+        self.sockets: list[zmq.Socket[bytes]] = []
+        self.metrics_server: MetricsServer | None = None
+
+    # ---- start-up -----------------------------------------------------------------------------------------
+    def bind(self) -> None:
+        c = self.cfg
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.MAXMSGSIZE, c.ingest.max_message_bytes)
+        self.router.setsockopt(zmq.RCVHWM, 10_000)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(c.ingest.endpoint)
+        self.sockets.append(self.router)
+        self.pull: zmq.Socket[bytes] | None = None
+        if c.ingest.plain_endpoint:
+            self.pull = self.ctx.socket(zmq.PULL)
+            self.pull.setsockopt(zmq.MAXMSGSIZE, c.ingest.max_message_bytes)
+            self.pull.setsockopt(zmq.LINGER, 0)
+            self.pull.bind(c.ingest.plain_endpoint)
+            self.sockets.append(self.pull)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, c.publish.hwm)
+        self.pub.setsockopt(zmq.LINGER, 2000)
+        self.pub.bind(c.publish.endpoint)
+        self.sockets.append(self.pub)
+        if c.metrics.listen:
+            host, _, port = c.metrics.listen.rpartition(":")
+            self.metrics_server = MetricsServer(self.metrics, host.strip("[]"), int(port))
+            self.metrics_server.start()
+        self.log.info(
+            "listening",
+            ingest=self.router.getsockopt_string(zmq.LAST_ENDPOINT),
+            ingest_plain=self.pull.getsockopt_string(zmq.LAST_ENDPOINT) if self.pull else None,
+            publish=self.pub.getsockopt_string(zmq.LAST_ENDPOINT),
+            metrics=f"{c.metrics.listen.rpartition(':')[0]}:{self.metrics_server.port}"
+            if self.metrics_server
+            else None,
+            state=str(self.state),
+        )
+        self._write_endpoints()
+
+    def _write_endpoints(self) -> None:
+        """The bound addresses (ports chosen by the OS included), for ``status`` and tests."""
+        info = {
+            "pid": os.getpid(),
+            "ingest": self.router.getsockopt_string(zmq.LAST_ENDPOINT),
+            "ingest_plain": self.pull.getsockopt_string(zmq.LAST_ENDPOINT) if self.pull else "",
+            "publish": self.pub.getsockopt_string(zmq.LAST_ENDPOINT),
+            "metrics": f"{self.cfg.metrics.listen.rpartition(':')[0]}:{self.metrics_server.port}"
+            if self.metrics_server
+            else "",
+        }
+        tmp = self.state / ".endpoints.json.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self.state / "endpoints.json")
+
+    def load_initial_model(self) -> None:
+        """``--model`` if given (imported as the next version), else the newest version in the state that loads."""
+        if self.cfg.model:
+            version = read_version(self.cfg.model)  # a bad --model is a start-up error, said in one line
+            n = self._next_version()
+            shutil.copytree(self.cfg.model, self.models_dir / f".v{n}.import", dirs_exist_ok=True)
+            os.replace(self.models_dir / f".v{n}.import", self.models_dir / f"v{n}")
+            self._swap(version, n, "imported", {"source": str(self.cfg.model)})
+            return
+        serving = [m["version"] for m in self.store.models() if m["status"] in ("serving", "retired")]
+        for n in sorted(serving, reverse=True):
+            try:
+                version = read_version(self.models_dir / f"v{n}")
+            except CheckpointError as e:
+                self.metrics.models_rejected.labels("unreadable").inc()
+                self.log.error("model_unreadable", model_version=n, error=str(e))
+                continue
+            self._swap(version, n, "restored", {})
+            return
+        self.log.info(
+            "no_model",
+            detail="events are stored; outputs start when a first model is trained",
+            first_training_after=self.cfg.training.first_after,
+        )
+
+    def _next_version(self) -> int:
+        on_disk = [int(m.group(1)) for p in self.models_dir.iterdir() if (m := VERSION_DIR.fullmatch(p.name))]
+        recorded = [m["version"] for m in self.store.models()]
+        return max([0, *on_disk, *recorded]) + 1
+
+    def _swap(self, version: ModelVersion, n: int, why: str, extra: dict[str, Any]) -> None:
+        self.model, self.version = version, n
+        gm = version.manifest.get("gate_metrics", {})
+        self.store.record_model(n, "serving", version.manifest.get("kind", why), {**gm, **extra})
+        self.metrics.model_version.set(n)
+        self.metrics.model_age.set(time.time())
+        self.metrics.clusters.set(version.clusterer.k)
+        self.metrics.beta.set(float(version.manifest.get("beta_schedule", {}).get("beta", 0.0)))
+        self.recent_novel.clear()
+        self.recent_rec.clear()
+        self.log.info(
+            "model_serving",
+            model_version=n,
+            how=why,
+            clusters=version.clusterer.k,
+            cluster_ids=version.clusterer.ids.tolist(),
+            **{k: v for k, v in gm.items() if k != "device"},
+        )
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def run(self) -> int:
+        self._install_signals()
+        self.bind()
+        self.load_initial_model()
+        self.last_training_events = self.store.count_events() if self.model else 0
+        self._republish()
+        sd_notify("READY=1\nSTATUS=" + self._status_line())
+        self.log.info("ready", model_version=self.version or None, events=self.store.count_events())
+        poller = zmq.Poller()
+        for s in (self.router, self.pull):
+            if s is not None:
+                poller.register(s, zmq.POLLIN)
+        try:
+            while not self.stop:
+                batch = self._receive(poller)
+                if batch:
+                    self._ingest(batch)
+                self._serve_pending()
+                self._trainer_step()
+                self._housekeeping()
+                if self.reload:
+                    self._reload()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _install_signals(self) -> None:
+        def stop(signum: int, _: Any) -> None:
+            self.stop = True
+
+        def hup(signum: int, _: Any) -> None:
+            self.reload = True
+
+        def usr1(signum: int, _: Any) -> None:
+            self.retrain = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hup)
+        signal.signal(signal.SIGUSR1, usr1)
+
+    def _receive(self, poller: zmq.Poller) -> list[Received]:
+        ready = dict(poller.poll(100))
+        if not ready:
+            return []
+        out: list[Received] = []
+        deadline = time.monotonic() + self.cfg.ingest.batch_wait_ms / 1000
+        while len(out) < self.cfg.ingest.batch_max:
+            got = False
+            for sock, name in ((self.router, "ack"), (self.pull, "plain")):
+                if sock is None:
+                    continue
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                got = True
+                now = time.monotonic()
+                if name == "ack":
+                    out.append(Received(frames[1:], frames[0], now, name))
+                else:
+                    out.append(Received(frames, None, now, name))
+                self.metrics.received.labels(name).inc()
+            if not got:
+                if time.monotonic() >= deadline:
+                    break
+                if not poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                    break
+        return out
+
+    def _ingest(self, batch: list[Received]) -> None:
+        decoded: list[tuple[Received, Event | Reject]] = [(r, decode_ingest(r.frames, self.limits)) for r in batch]
+        seen: set[tuple[str, int]] = set()
+        events: list[tuple[Received, Event]] = []
+        rejects: list[tuple[Received, Reject]] = []
+        duplicates: list[tuple[Received, Event]] = []
+        for r, d in decoded:
+            if isinstance(d, Reject):
+                rejects.append((r, d))
+            elif (d.sensor, d.seq) in seen:
+                duplicates.append((r, d))
+            else:
+                seen.add((d.sensor, d.seq))
+                events.append((r, d))
+        # features: one call per channel count
+        feats: dict[int, np.ndarray] = {}
+        by_channels: dict[int, list[int]] = {}
+        for i, (_, ev) in enumerate(events):
+            by_channels.setdefault(ev.channels, []).append(i)
+        bad: dict[int, str] = {}
+        for idx in by_channels.values():
+            fb = featurise_events([events[i][1].samples for i in idx], [events[i][1].fs for i in idx], self.features)
+            for row, i in enumerate(idx):
+                if fb.ok[row]:
+                    feats[i] = fb.features[row]
+                else:
+                    bad[i] = str(fb.errors[row])
+        keep: list[tuple[Received, Event]] = []
+        for i, (r, e) in enumerate(events):
+            if i in bad:
+                rejects.append((r, Reject("featurise", bad[i].split(": ", 1)[-1], e.sensor, e.seq)))
+            else:
+                keep.append((r, e))
+        new = [
+            NewEvent(
+                e.sensor,
+                e.seq,
+                e.t0_ns,
+                e.fs,
+                e.dtype,
+                e.channels,
+                int(e.samples.shape[1]),
+                e.label,
+                e.meta,
+                e.samples.tobytes(),
+                feats[events.index((r, e))],
+            )
+            for r, e in keep
+        ]
+        cap = self.cfg.ingest.quarantine_frame_bytes
+        quarantine = [
+            (j.reason, j.detail, j.sensor, j.seq, b"\x00".join(f[:cap] for f in r.frames)[:cap]) for r, j in rejects
+        ]
+        try:
+            ids = self.store.ingest(new, quarantine, keep_raw=self.keep_raw)
+        except sqlite3.OperationalError as err:
+            self.metrics.store_errors.labels("ingest").inc()
+            if self.keep_raw:
+                self.keep_raw = False  # degrade first: stop keeping raw samples, then try once more
+                self.metrics.raw_paused.set(1)
+                self.log.error("store_degraded", error=str(err), detail="raw samples are no longer kept")
+                try:
+                    ids = self.store.ingest(new, quarantine, keep_raw=False)
+                except sqlite3.OperationalError as e2:
+                    self.log.error("store_failed", error=str(e2), events=len(new), detail="not acked; senders resend")
+                    return
+            else:
+                self.log.error("store_failed", error=str(err), events=len(new), detail="not acked; senders resend")
+                time.sleep(0.2)
+                return
+        now = time.monotonic()
+        for r, j in rejects:
+            self.metrics.rejected.labels(j.reason).inc()
+            self.log.warning(
+                "rejected", reason=j.reason, detail=j.detail, sensor=j.sensor, seq=j.seq, endpoint=r.endpoint
+            )
+            self._ack(r, j.sensor, j.seq, "rejected", j.reason)
+        for (r, e), eid in zip(keep, ids, strict=True):
+            if eid < 0:
+                duplicates.append((r, e))
+                continue
+            s = self.metrics.sensor(e.sensor)
+            self.metrics.stored.labels(s).inc()
+            self.metrics.last_event.labels(s).set(time.time())
+            last = self.last_seq.get(e.sensor)
+            if last is not None and e.seq > last + 1:
+                self.metrics.gaps.labels(s).inc(e.seq - last - 1)
+                self.log.warning("sequence_gap", sensor=e.sensor, seq=e.seq, missing=e.seq - last - 1)
+            if last is None or e.seq > last:
+                self.last_seq[e.sensor] = e.seq
+            self.received_at[(e.sensor, e.seq)] = r.t
+            self._ack(r, e.sensor, e.seq, "stored")
+            self.metrics.ack_latency.observe(now - r.t)
+        for r, e in duplicates:
+            self.metrics.duplicates.inc()
+            self._ack(r, e.sensor, e.seq, "duplicate")
+        self.metrics.batch.observe(len(batch))
+        self.events_window.append((now, len(new)))
+
+    def _ack(self, r: Received, sensor: str | None, seq: int | None, status: str, reason: str = "") -> None:
+        if r.identity is None:
+            return
+        try:
+            self.router.send_multipart([r.identity, *encode_ack(sensor, seq, status, reason)], zmq.NOBLOCK)
+            self.metrics.acks.labels(status).inc()
+        except zmq.ZMQError:
+            pass  # the peer went away; it resends and is de-duplicated
+
+    def _serve_pending(self, budget_s: float = 0.05) -> None:
+        """Outputs for stored events without one, oldest first, until caught up or the time budget is spent."""
+        if self.model is None:
+            self.metrics.backlog.set(self.store.max_event_id() - self.store.last_output_id())
+            return
+        deadline = time.monotonic() + budget_s
+        n_in = self.model.model.cfg.n_in
+        while True:
+            ids, x, ok = self.store.pending(512, n_in)
+            if len(ids) == 0:
+                break
+            outputs: list[Output] = []
+            pred = predict(self.model, x[ok]) if ok.any() else None
+            j = 0
+            for i, eid in enumerate(ids):
+                if ok[i] and pred is not None:
+                    outputs.append(
+                        Output(
+                            int(eid),
+                            self.version,
+                            int(pred.cluster[j]),
+                            float(pred.probability[j]),
+                            float(pred.novelty[j]),
+                            float(pred.rec_error[j]),
+                            pred.latent[j].tolist(),
+                        )
+                    )
+                    self.recent_novel.append(bool(pred.cluster[j] == NOVEL))
+                    self.recent_rec.append(float(pred.rec_error[j]))
+                    j += 1
+                else:  # features of another channel count than the model's: no cluster
+                    outputs.append(Output(int(eid), self.version, NOVEL, 0.0, 1e9, 1e9, []))
+            try:
+                self.store.add_outputs(outputs, mark_published=self.to_mark)
+            except sqlite3.OperationalError as e:
+                self.metrics.store_errors.labels("outputs").inc()
+                self.log.error("store_failed", error=str(e), detail="outputs retried next loop")
+                return
+            self.to_mark = []
+            self._publish(self.store.unpublished(len(outputs) + 512))
+            if time.monotonic() > deadline:
+                break
+        self.metrics.backlog.set(self.store.max_event_id() - self.store.last_output_id())
+
+    def _republish(self) -> None:
+        """Outputs stored but maybe not published before a crash: publish again (subscribers de-duplicate)."""
+        while rows := self.store.unpublished(1024):
+            self._publish(rows)
+            self.store.mark_published(self.to_mark)
+            self.to_mark = []
+
+    def _publish(self, rows: list[dict[str, Any]]) -> None:
+        now = time.monotonic()
+        for row in rows:
+            try:
+                self.pub.send_multipart(encode_output(row), zmq.NOBLOCK)
+                self.metrics.published.inc()
+            except zmq.Again:
+                self.metrics.publish_dropped.inc()
+            t = self.received_at.pop((row["sensor"], row["seq"]), None)
+            if t is not None:
+                self.metrics.latency.observe(now - t)
+            if row["cluster"] == NOVEL:
+                self.metrics.novel.inc()
+            self.metrics.per_cluster.labels(str(row["cluster"])).inc()
+            self.to_mark.append(row["event_id"])
+        if len(self.received_at) > 200_000:  # events from before a restart never come by; do not grow forever
+            self.received_at.clear()
+
+    # ---- training -----------------------------------------------------------------------------------------
+    def _trainer_step(self) -> None:
+        if self.trainer is not None:
+            self._read_trainer()
+            return
+        if time.monotonic() < self.next_training_at:
+            return
+        kind = self._training_due()
+        if kind:
+            self._start_trainer(kind)
+
+    def _training_due(self) -> str:
+        t = self.cfg.training
+        n = self.store.count_events()
+        if (self.state / RETRAIN_REQUEST).exists():
+            (self.state / RETRAIN_REQUEST).unlink(missing_ok=True)
+            self.retrain = True
+        if self.retrain:
+            self.retrain = False
+            if n >= 16:
+                self.log.info("training_requested")
+                return "full" if self.model else "first"
+            self.log.warning("training_request_ignored", reason=f"only {n} events stored")
+        if self.model is None:
+            return "first" if n >= t.first_after else ""
+        since = n - self.last_training_events
+        if since >= t.full_every_events:
+            return "full"
+        if since >= t.finetune_every_events:
+            return "finetune"
+        if t.finetune_every_s > 0 and since > 0 and time.monotonic() - self.last_training_time >= t.finetune_every_s:
+            return "finetune"
+        if len(self.recent_novel) == self.recent_novel.maxlen:
+            novel = float(np.mean(self.recent_novel))
+            rec = float(np.mean(self.recent_rec))
+            ref = float(self.model.manifest.get("gate_metrics", {}).get("train_rec") or np.nan)
+            if novel > t.drift_novelty or (np.isfinite(ref) and rec > t.drift_rec_ratio * ref):
+                self.log.warning(
+                    "drift", novel_fraction=novel, rec_error=rec, training_rec_error=ref, model_version=self.version
+                )
+                self.recent_novel.clear()
+                self.recent_rec.clear()
+                return "full"
+        return ""
+
+    def _start_trainer(self, kind: str) -> None:
+        t = self.cfg.training
+        version = self._next_version()
+        epochs = {"first": t.epochs_first, "finetune": t.epochs_finetune, "full": t.epochs_full}[kind]
+        conf = {"epochs": epochs, "max_events": t.max_events, "device": t.device, "threads": t.threads, "seed": t.seed}
+        parent = str(self.models_dir / f"v{self.version}") if self.model else ""
+        cmd = [
+            sys.executable,
+            "-m",
+            "daemon.trainer",
+            "--state",
+            str(self.state),
+            "--version",
+            str(version),
+            "--kind",
+            kind,
+            "--config",
+            json.dumps(conf),
+            "--parent",
+            parent,
+        ]
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": str(t.threads), "OMP_NUM_THREADS": str(t.threads)}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+        run = TrainerRun(proc, kind, version, time.monotonic(), queue.Queue())
+        assert proc.stdout is not None and proc.stderr is not None
+
+        def read_stdout(stream: Any, q: queue.Queue[dict[str, Any]]) -> None:
+            for line in stream:
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(msg, dict):
+                    q.put(msg)
+
+        def read_stderr(stream: Any, tail: deque[str]) -> None:
+            for line in stream:
+                tail.append(line.decode("utf-8", "replace").rstrip())
+
+        run.readers = [
+            threading.Thread(target=read_stdout, args=(proc.stdout, run.reports), daemon=True),
+            threading.Thread(target=read_stderr, args=(proc.stderr, run.stderr_tail), daemon=True),
+        ]
+        for t in run.readers:
+            t.start()
+        self.trainer = run
+        self.last_training_events = self.store.count_events()
+        self.last_training_time = time.monotonic()
+        self.metrics.training.set(1)
+        self.log.info(
+            "training_started",
+            kind=kind,
+            model_version=version,
+            parent=self.version or None,
+            epochs=epochs,
+            events=self.last_training_events,
+            pid=proc.pid,
+        )
+
+    def _read_trainer(self) -> None:
+        run = self.trainer
+        assert run is not None
+        code = run.proc.poll()
+        if code is not None:
+            for t in run.readers:  # the pipes close at exit; the readers finish with what was left in them
+                t.join(timeout=5)
+        while True:
+            try:
+                msg = run.reports.get_nowait()
+            except queue.Empty:
+                break
+            if msg.get("type") == "epoch":
+                self._training_progress(run, msg)
+            elif msg.get("type") == "done":
+                run.done = msg
+            elif msg.get("type") == "error":
+                run.error = str(msg.get("message", ""))
+        if code is None:
+            return
+        done, error = run.done, run.error
+        self.trainer = None
+        self.metrics.training.set(0)
+        seconds = time.monotonic() - run.started
+        self.metrics.train_seconds.observe(seconds)
+        if code != 0 or done is None:
+            why = error or f"trainer exited with {code}" + (f" (signal {-code})" if code < 0 else "") + (
+                f": {run.stderr_tail[-1]}" if run.stderr_tail else ""
+            )
+            self._training_failed(run, why)
+            return
+        self._consider(run, done, seconds)
+
+    def _training_progress(self, run: TrainerRun, msg: dict[str, Any]) -> None:
+        self.metrics.train_epoch.set(msg.get("epoch", 0))
+        self.metrics.train_beta.set(msg.get("beta", 0.0))
+        self.metrics.train_gamma.set(msg.get("gamma", 0.0))
+        for term in ("rec", "kl", "cls"):
+            if isinstance(msg.get(term), int | float):
+                self.metrics.train_loss.labels(term).set(msg[term])
+        e, n = int(msg.get("epoch", 0)), int(msg.get("epochs", 0))
+        if e % 10 == 0 or e == n - 1:
+            self.log.info(
+                "training_epoch",
+                model_version=run.version,
+                kind=run.kind,
+                epoch=e,
+                epochs=n,
+                beta=msg.get("beta"),
+                gamma=msg.get("gamma"),
+                rec=msg.get("rec"),
+                kl=msg.get("kl"),
+            )
+
+    def _training_failed(self, run: TrainerRun, why: str) -> None:
+        self.failures += 1
+        self.metrics.train_runs.labels(run.kind, "failed").inc()
+        self.metrics.train_failures.set(self.failures)
+        backoff = min(3600.0, self.cfg.training.backoff_s * 2 ** (self.failures - 1))
+        self.next_training_at = time.monotonic() + backoff
+        self.log.error(
+            "training_failed",
+            kind=run.kind,
+            model_version=run.version,
+            error=why,
+            retry_in_s=backoff,
+            failures=self.failures,
+        )
+        shutil.rmtree(self.models_dir / f"v{run.version}", ignore_errors=True)
+
+    def _consider(self, run: TrainerRun, done: dict[str, Any], seconds: float) -> None:
+        path = self.models_dir / f"v{run.version}"
+        try:
+            version = read_version(path)
+        except CheckpointError as e:
+            self.metrics.models_rejected.labels("unreadable").inc()
+            self.store.record_model(run.version, "rejected", run.kind, {}, str(e))
+            self._training_failed(run, f"version unreadable: {e}")
+            return
+        metrics = version.manifest.get("gate_metrics", {})
+        why = gate(metrics, self.cfg.training.gate_rec_tolerance, self.cfg.training.gate_ari_tolerance)
+        self.failures = 0
+        self.metrics.train_failures.set(0)
+        if why:
+            self.metrics.train_runs.labels(run.kind, "rejected").inc()
+            self.metrics.models_rejected.labels("gate").inc()
+            self.store.record_model(run.version, "rejected", run.kind, metrics, why)
+            self.log.warning(
+                "model_rejected", model_version=run.version, kind=run.kind, reason=why, serving=self.version
+            )
+            return
+        self.metrics.train_runs.labels(run.kind, "accepted").inc()
+        self.log.info("training_done", model_version=run.version, kind=run.kind, seconds=round(seconds, 1))
+        self._swap(version, run.version, run.kind, {})
+
+    def _stop_trainer(self, timeout_s: float = 5.0) -> None:
+        run, self.trainer = self.trainer, None
+        if run is None:
+            return
+        run.proc.terminate()
+        try:
+            run.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            run.proc.kill()
+            run.proc.wait(timeout_s)
+        shutil.rmtree(self.models_dir / f"v{run.version}", ignore_errors=True)
+        self.metrics.training.set(0)
+        self.log.info("training_stopped", model_version=run.version, kind=run.kind)
+
+    # ---- housekeeping, reload, shutdown -------------------------------------------------------------------
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        self.metrics.loop_heartbeat.set(time.time())
+        if now - self.last_housekeeping < 2.0:
+            return
+        self.last_housekeeping = now
+        s = self.cfg.store
+        try:
+            free = shutil.disk_usage(self.state).free
+        except OSError:
+            free = 0
+        self.metrics.disk_free.set(free)
+        want_raw = free >= s.min_free_bytes
+        if want_raw != self.keep_raw:
+            self.keep_raw = want_raw
+            self.metrics.raw_paused.set(0 if want_raw else 1)
+            self.log.warning("raw_samples", kept=want_raw, disk_free_bytes=free)
+        try:
+            dropped = self.store.prune_raw(
+                s.raw_max_age_days * 86400 if s.raw_max_age_days > 0 else None, s.raw_max_bytes
+            )
+            if dropped:
+                self.log.info("raw_pruned", events=dropped)
+            self.store.prune_quarantine(self.cfg.ingest.quarantine_keep)
+        except sqlite3.OperationalError as e:
+            self.metrics.store_errors.labels("retention").inc()
+            self.log.error("retention_failed", error=str(e))
+        self.metrics.store_bytes.set(self.store.file_bytes())
+        self.metrics.raw_bytes.set(self.store.raw_bytes())
+        self.metrics.quarantine.set(self.store.quarantine_count())
+        status = self._status_line()
+        sd_notify(f"WATCHDOG=1\nSTATUS={status}")
+
+    def events_per_s(self) -> float:
+        if len(self.events_window) < 2:
+            return 0.0
+        span = self.events_window[-1][0] - self.events_window[0][0]
+        return sum(n for _, n in list(self.events_window)[1:]) / span if span > 0 else 0.0
+
+    def _status_line(self) -> str:
+        model = f"model v{self.version}, {self.model.clusterer.k} clusters" if self.model else "no model yet"
+        training = f", training v{self.trainer.version} ({self.trainer.kind})" if self.trainer else ""
+        return f"{self.events_per_s():.0f} events/s, {model}{training}"
+
+    def _reload(self) -> None:
+        from daemon.config import ConfigError, load
+
+        self.reload = False
+        sd_notify("RELOADING=1")
+        try:
+            new = load(self.config_path, self._overrides) if self.config_path else self.cfg
+        except ConfigError as e:
+            self.log.error("reload_failed", error=str(e), detail="keeping the running configuration")
+            sd_notify("READY=1")
+            return
+        old_d, new_d = _flatten(self.cfg.to_dict()), _flatten(new.to_dict())
+        changed = sorted(k for k in new_d if new_d[k] != old_d.get(k))
+        applied = [k for k in changed if k.startswith(RELOADABLE)]
+        restart = [k for k in changed if k not in applied]
+        kept = {k: old_d[k] for k in restart}
+        merged = _unflatten({**new_d, **kept})
+        from daemon.config import _build
+
+        self.cfg = _build(Config, merged, "")
+        self.log.info("reloaded", applied=applied, needs_restart=restart)
+        sd_notify("READY=1")
+
+    def _shutdown(self) -> None:
+        sd_notify("STOPPING=1")
+        self.log.info("stopping", detail="draining")
+        try:
+            for s in (self.router, self.pull):
+                if s is not None:
+                    s.close(linger=0)  # stop taking input; unacked events are resent by their senders
+            if self.model is not None:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and self.store.max_event_id() > self.store.last_output_id():
+                    self._serve_pending(budget_s=1.0)
+            self._stop_trainer()
+            if self.to_mark:
+                self.store.mark_published(self.to_mark)
+        finally:
+            if self.metrics_server:
+                self.metrics_server.stop()
+            self.pub.close(linger=2000)
+            self.ctx.term()
+            self.store.close()
+            self.log.info("stopped")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _unflatten(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        node = out
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out

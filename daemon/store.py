@@ -1,0 +1,436 @@
+"""The durable store (DESIGN §7): one SQLite file in WAL mode. A thin shell: SQL in, rows out.
+
+Tables: ``events`` (one row per accepted recording, unique by sensor and seq), ``raw`` (samples, own table,
+pruned by retention), ``features`` (written in the same transaction as the event, so raw samples are never
+dropped before they are featurised), ``outputs`` (one per event, in event order), ``models``, ``quarantine``.
+Acks are sent only after ``commit`` returns; ``synchronous=FULL`` makes a committed batch survive power loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+DB_NAME = "wingbeat.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    sensor TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    t0_ns INTEGER NOT NULL,
+    fs REAL NOT NULL,
+    dtype TEXT NOT NULL,
+    channels INTEGER NOT NULL,
+    n_samples INTEGER NOT NULL,
+    label TEXT NOT NULL DEFAULT '',
+    meta TEXT NOT NULL DEFAULT '{}',
+    received_ns INTEGER NOT NULL,
+    UNIQUE (sensor, seq)
+);
+CREATE TABLE IF NOT EXISTS raw (event_id INTEGER PRIMARY KEY, samples BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS features (event_id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS outputs (
+    event_id INTEGER PRIMARY KEY,
+    model_version INTEGER NOT NULL,
+    cluster INTEGER NOT NULL,
+    probability REAL NOT NULL,
+    novelty REAL NOT NULL,
+    rec_error REAL NOT NULL,
+    latent TEXT NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outputs_unpublished ON outputs (event_id) WHERE published = 0;
+CREATE TABLE IF NOT EXISTS models (
+    version INTEGER PRIMARY KEY,
+    status TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    received_ns INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    sensor TEXT,
+    seq INTEGER,
+    frames BLOB NOT NULL
+);
+"""
+
+# Migrations from version N to N + 1, applied in order inside one transaction after a backup copy.
+MIGRATIONS: dict[int, str] = {}
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+@dataclass
+class NewEvent:
+    sensor: str
+    seq: int
+    t0_ns: int
+    fs: float
+    dtype: str
+    channels: int
+    n_samples: int
+    label: str
+    meta: dict[str, Any]
+    samples: bytes
+    features: np.ndarray  # float32 (channels, bins)
+
+
+@dataclass
+class Output:
+    event_id: int
+    model_version: int
+    cluster: int
+    probability: float
+    novelty: float
+    rec_error: float
+    latent: list[float]
+
+
+class Store:
+    def __init__(self, state_dir: Path, *, readonly: bool = False, timeout_s: float = 30.0) -> None:
+        self.path = Path(state_dir) / DB_NAME
+        self.readonly = readonly
+        if readonly:
+            if not self.path.exists():
+                raise StoreError(f"no store at {self.path}")
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=timeout_s)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        self.db.execute("PRAGMA foreign_keys=OFF")
+
+    # ---- schema -------------------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        has_meta = self.db.execute("SELECT name FROM sqlite_master WHERE name='meta'").fetchone()
+        version = None
+        if has_meta:
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else None
+        if version is None:
+            self.db.executescript("BEGIN;" + SCHEMA + "COMMIT;")
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            return
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has schema version {version}; this Wingbeat knows up to {SCHEMA_VERSION}")
+        if version < SCHEMA_VERSION:
+            backup = self.path.with_name(f"{self.path.name}.v{version}.bak")
+            self.db.execute("VACUUM INTO ?", (str(backup),))
+            self.db.execute("BEGIN IMMEDIATE")
+            for v in range(version, SCHEMA_VERSION):
+                self.db.executescript(MIGRATIONS[v])  # executescript would commit; migrations avoid COMMIT
+            self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            self.db.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        return int(self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ---- ingest -------------------------------------------------------------------------------------------
+    def existing(self, keys: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Which of these (sensor, seq) pairs are stored already."""
+        found = set()
+        for sensor, seq in keys:
+            if self.db.execute("SELECT 1 FROM events WHERE sensor=? AND seq=?", (sensor, seq)).fetchone():
+                found.add((sensor, seq))
+        return found
+
+    def ingest(
+        self, events: list[NewEvent], rejects: list[tuple[str, str, str | None, int | None, bytes]], keep_raw: bool
+    ) -> list[int]:
+        """Store a batch of new events (with features) and rejected messages in one transaction; return event IDs.
+
+        Events whose (sensor, seq) is stored already are skipped (their ID is -1). Raises on disk errors, having
+        rolled back: nothing of the batch is stored, so nothing of it may be acked.
+        """
+        now = time.time_ns()
+        ids: list[int] = []
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            for e in events:
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO events (sensor, seq, t0_ns, fs, dtype, channels, n_samples, label, meta,"
+                    " received_ns) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        e.sensor,
+                        e.seq,
+                        e.t0_ns,
+                        e.fs,
+                        e.dtype,
+                        e.channels,
+                        e.n_samples,
+                        e.label,
+                        json.dumps(e.meta),
+                        now,
+                    ),
+                )
+                if cur.rowcount == 0:
+                    ids.append(-1)
+                    continue
+                eid = int(cur.lastrowid or 0)
+                ids.append(eid)
+                self.db.execute(
+                    "INSERT INTO features VALUES (?, ?)", (eid, np.ascontiguousarray(e.features, np.float32).tobytes())
+                )
+                if keep_raw:
+                    self.db.execute("INSERT INTO raw VALUES (?, ?)", (eid, e.samples))
+            for reason, detail, sensor, seq, frames in rejects:
+                self.db.execute(
+                    "INSERT INTO quarantine (received_ns, reason, detail, sensor, seq, frames) VALUES (?,?,?,?,?,?)",
+                    (now, reason, detail, sensor, seq, frames),
+                )
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        return ids
+
+    # ---- outputs ------------------------------------------------------------------------------------------
+    def last_output_id(self) -> int:
+        return int(self.db.execute("SELECT coalesce(max(event_id), 0) FROM outputs").fetchone()[0])
+
+    def pending(self, limit: int, n_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Event IDs without an output, oldest first, their features (events, n_features), and which of them have
+        ``n_features`` values (events of another channel count than the model's do not)."""
+        rows = self.db.execute(
+            "SELECT event_id, data FROM features WHERE event_id > ? ORDER BY event_id LIMIT ?",
+            (self.last_output_id(), limit),
+        ).fetchall()
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        x = np.zeros((len(rows), n_features), np.float32)
+        ok = np.zeros(len(rows), dtype=bool)
+        for i, r in enumerate(rows):
+            v = np.frombuffer(r[1], np.float32)
+            if v.size == n_features:
+                x[i], ok[i] = v, True
+        return ids, x, ok
+
+    def add_outputs(self, outputs: list[Output], mark_published: list[int] | None = None) -> None:
+        """Store outputs and, in the same transaction, mark earlier ones as published."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(
+                "INSERT OR IGNORE INTO outputs (event_id, model_version, cluster, probability, novelty, rec_error,"
+                " latent) VALUES (?,?,?,?,?,?,?)",
+                [
+                    (
+                        o.event_id,
+                        o.model_version,
+                        o.cluster,
+                        o.probability,
+                        o.novelty,
+                        o.rec_error,
+                        json.dumps(o.latent),
+                    )
+                    for o in outputs
+                ],
+            )
+            if mark_published:
+                self.db.executemany(
+                    "UPDATE outputs SET published = 1 WHERE event_id = ?", [(i,) for i in mark_published]
+                )
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+
+    def unpublished(self, limit: int) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT o.event_id, e.sensor, e.seq, e.t0_ns, o.latent, o.cluster, o.probability, o.novelty,"
+            " o.model_version FROM outputs o JOIN events e ON e.id = o.event_id WHERE o.published = 0"
+            " ORDER BY o.event_id LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            {
+                "event_id": r[0],
+                "sensor": r[1],
+                "seq": r[2],
+                "t0_ns": r[3],
+                "latent": json.loads(r[4]),
+                "cluster": r[5],
+                "probability": r[6],
+                "novelty": r[7],
+                "model_version": r[8],
+            }
+            for r in rows
+        ]
+
+    def mark_published(self, event_ids: list[int]) -> None:
+        if event_ids:
+            self.add_outputs([], mark_published=event_ids)
+
+    # ---- training data ------------------------------------------------------------------------------------
+    def count_events(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM events").fetchone()[0])
+
+    def max_event_id(self) -> int:
+        return int(self.db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
+
+    def training_set(self, limit: int, recent: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(event IDs, features (events, n), labels) of up to ``limit`` events: the newest ``recent`` of them and
+        an even sample of the older ones (all of them when they fit)."""
+        total = self.max_event_id()
+        rows = self.db.execute(
+            "SELECT f.event_id, f.data, e.label FROM features f JOIN events e ON e.id = f.event_id"
+            " WHERE f.event_id > ? ORDER BY f.event_id",
+            (max(0, total - (recent or limit)),),
+        ).fetchall()
+        rows = rows[-limit:]
+        if len(rows) < limit:
+            older = self.db.execute(
+                "SELECT f.event_id, f.data, e.label FROM features f JOIN events e ON e.id = f.event_id"
+                " WHERE f.event_id <= ? ORDER BY f.event_id",
+                (max(0, total - (recent or limit)),),
+            ).fetchall()
+            room = limit - len(rows)
+            if len(older) > room:
+                pick = np.linspace(0, len(older) - 1, room).round().astype(int)
+                older = [older[i] for i in pick]
+            rows = older + rows
+        if not rows:
+            return np.empty(0, np.int64), np.empty((0, 0), np.float32), np.empty(0, str)
+        sizes = np.array([len(r[1]) for r in rows])
+        values, counts = np.unique(sizes, return_counts=True)
+        rows = [r for r, n in zip(rows, sizes, strict=True) if n == values[np.argmax(counts)]]  # one channel count
+        x = np.stack([np.frombuffer(r[1], np.float32) for r in rows])
+        return np.array([r[0] for r in rows], np.int64), x, np.array([r[2] for r in rows])
+
+    def outputs_for(self, event_ids: np.ndarray) -> np.ndarray:
+        """Stored cluster of each event (NOVEL = -1 where an event has no output)."""
+        out = np.full(len(event_ids), -1, np.int64)
+        index = {int(e): i for i, e in enumerate(event_ids)}
+        for chunk in range(0, len(event_ids), 900):
+            ids = [int(e) for e in event_ids[chunk : chunk + 900]]
+            q = f"SELECT event_id, cluster FROM outputs WHERE event_id IN ({','.join('?' * len(ids))})"
+            for eid, cluster in self.db.execute(q, ids):
+                out[index[eid]] = cluster
+        return out
+
+    # ---- models -------------------------------------------------------------------------------------------
+    def record_model(self, version: int, status: str, kind: str, metrics: dict[str, Any], reason: str = "") -> None:
+        with self._tx():
+            if status == "serving":
+                self.db.execute("UPDATE models SET status='retired' WHERE status='serving'")
+            self.db.execute(
+                "INSERT OR REPLACE INTO models VALUES (?,?,?,?,?,?)",
+                (version, status, kind, time.time_ns(), json.dumps(metrics, default=str), reason),
+            )
+
+    def models(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT version, status, kind, created_ns, metrics, reason FROM models ORDER BY version")
+        return [
+            {
+                "version": r[0],
+                "status": r[1],
+                "kind": r[2],
+                "created_ns": r[3],
+                "metrics": json.loads(r[4]),
+                "reason": r[5],
+            }
+            for r in rows
+        ]
+
+    # ---- retention ----------------------------------------------------------------------------------------
+    def raw_bytes(self) -> int:
+        return int(self.db.execute("SELECT coalesce(sum(length(samples)), 0) FROM raw").fetchone()[0])
+
+    def prune_raw(self, max_age_s: float | None, max_bytes: int | None) -> int:
+        """Drop raw samples older than ``max_age_s`` and then the oldest until under ``max_bytes``; return rows
+        dropped. Features are written with the event, so nothing unfeaturised is ever dropped."""
+        dropped = 0
+        with self._tx():
+            if max_age_s is not None:
+                cutoff = time.time_ns() - int(max_age_s * 1e9)
+                dropped += self.db.execute(
+                    "DELETE FROM raw WHERE event_id IN (SELECT id FROM events WHERE received_ns < ?)", (cutoff,)
+                ).rowcount
+            if max_bytes is not None:
+                total = int(self.db.execute("SELECT coalesce(sum(length(samples)), 0) FROM raw").fetchone()[0])
+                if total > max_bytes:
+                    cut, acc = None, total
+                    for eid, size in self.db.execute("SELECT event_id, length(samples) FROM raw ORDER BY event_id"):
+                        acc -= size
+                        cut = eid
+                        if acc <= max_bytes:
+                            break
+                    dropped += self.db.execute("DELETE FROM raw WHERE event_id <= ?", (cut,)).rowcount
+        return dropped
+
+    def file_bytes(self) -> int:
+        """Bytes of the database and its write-ahead log."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        return sum(p.stat().st_size for p in (self.path, wal) if p.exists())
+
+    def quarantine_count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM quarantine").fetchone()[0])
+
+    def prune_quarantine(self, keep: int) -> int:
+        with self._tx():
+            return self.db.execute(
+                "DELETE FROM quarantine WHERE id <= (SELECT max(id) FROM quarantine) - ?", (keep,)
+            ).rowcount
+
+    # ---- reporting ----------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        q = self.db.execute
+        return {
+            "events": int(q("SELECT count(*) FROM events").fetchone()[0]),
+            "outputs": int(q("SELECT count(*) FROM outputs").fetchone()[0]),
+            "unpublished": int(q("SELECT count(*) FROM outputs WHERE published = 0").fetchone()[0]),
+            "raw_kept": int(q("SELECT count(*) FROM raw").fetchone()[0]),
+            "per_sensor": dict(q("SELECT sensor, count(*) FROM events GROUP BY sensor ORDER BY sensor").fetchall()),
+            "per_cluster": {
+                str(k): v for k, v in q("SELECT cluster, count(*) FROM outputs GROUP BY cluster ORDER BY cluster")
+            },
+            "quarantine": dict(q("SELECT reason, count(*) FROM quarantine GROUP BY reason ORDER BY reason").fetchall()),
+            "labelled": int(q("SELECT count(*) FROM events WHERE label != ''").fetchone()[0]),
+            "schema_version": self.schema_version(),
+            "bytes": self.path.stat().st_size if self.path.exists() else 0,
+        }
+
+    def export_rows(self, since_ns: int = 0) -> Iterator[tuple[Any, ...]]:
+        yield from self.db.execute(
+            "SELECT e.id, e.sensor, e.seq, e.t0_ns, e.fs, e.channels, e.n_samples, e.label, e.received_ns,"
+            " o.model_version, o.cluster, o.probability, o.novelty, o.rec_error, o.latent"
+            " FROM events e JOIN outputs o ON o.event_id = e.id WHERE e.t0_ns >= ? ORDER BY e.id",
+            (since_ns,),
+        )
+
+    def integrity_ok(self) -> bool:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,181 @@
+"""The background trainer: its own process, started by the daemon for each training run.
+
+    python -m daemon.trainer --state DIR --version N --kind first|finetune|full --config JSON [--parent DIR]
+
+Reads features from the store (read-only), trains (a fine-tune continues the parent's weights and β schedule),
+fits the latent clusters, gives them the serving model's cluster IDs (Hungarian matching on the events both
+models saw), measures what the gate needs on held-out events, and writes ``models/v<N>`` atomically. It reports
+on stdout, one JSON object per line: ``{"type": "epoch", …}`` per epoch, then ``{"type": "done", …}`` or
+``{"type": "error", "message": …}``. A crash, an OOM kill or a NaN here never touches serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+KINDS = ("first", "finetune", "full")
+
+
+def say(msg_type: str, **fields: Any) -> None:
+    sys.stdout.write(json.dumps({"type": msg_type, **fields}, allow_nan=False, default=float) + "\n")
+    sys.stdout.flush()
+
+
+def held_out_error(model: Any, x: Any) -> float:
+    from model.train import encode_mu
+
+    if len(x) == 0:
+        return math.nan
+    return float(encode_mu(model, x)[1].double().mean())
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from daemon.store import Store
+    from daemon.versions import read_version, write_version
+    from model.beta import BetaConfig, BetaSchedule
+    from model.build import build
+    from model.checkpoint import pack
+    from model.cluster import ClusterConfig, align_ids
+    from model.evaluate import scores
+    from model.spectra import FeatureConfig
+    from model.train import TrainConfig, encode_mu
+    from model.vae import VAEConfig
+
+    cfg = json.loads(args.config)
+    torch.set_num_threads(int(cfg.get("threads", 1)))
+    device = cfg.get("device", "auto")
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    store = Store(Path(args.state), readonly=True)
+    try:
+        ids, x, labels = store.training_set(int(cfg["max_events"]))
+        if len(ids) < 16:
+            raise ValueError(f"only {len(ids)} events with features in the store; need at least 16")
+        parent = read_version(args.parent) if args.parent else None
+        epochs = int(cfg["epochs"])
+        labelled = labels != ""
+        train_cfg = TrainConfig(
+            epochs=epochs,
+            seed=int(cfg.get("seed", 0)) + args.version,
+            beta=BetaConfig(warmup=min(25, max(0, epochs // 4))),
+            semi_supervised=bool(len(set(labels[labelled])) >= 2),
+        )
+        init = schedule = None
+        if args.kind == "finetune":
+            if parent is None:
+                raise ValueError("a fine-tune needs --parent")
+            init = parent.model.state_dict()
+            schedule = BetaSchedule.from_dict(parent.manifest["beta_schedule"])
+            train_cfg = TrainConfig(
+                epochs=epochs,
+                seed=train_cfg.seed,
+                beta=schedule.cfg,
+                semi_supervised=train_cfg.semi_supervised,
+            )
+        vae_cfg = parent.model.cfg if (parent is not None and args.kind == "finetune") else VAEConfig(n_in=x.shape[1])
+        if vae_cfg.n_in != x.shape[1]:
+            raise ValueError(f"the store's features have {x.shape[1]} values, the parent model takes {vae_cfg.n_in}")
+        t0 = time.monotonic()
+
+        def on_epoch(s: Any) -> None:
+            say(
+                "epoch",
+                epoch=s.epoch,
+                epochs=epochs,
+                beta=s.beta,
+                gamma=s.gamma,
+                rec=s.rec,
+                kl=s.kl,
+                cls=s.cls,
+                val_rec=None if math.isnan(s.val_rec) else s.val_rec,
+                seconds=s.seconds,
+            )
+
+        built = build(
+            x,
+            labels,
+            vae_cfg,
+            train_cfg,
+            ClusterConfig(seed=train_cfg.seed),
+            dev,
+            on_epoch,
+            init=init,
+            schedule=schedule,
+        )
+        # Held-out events of this training: the gate compares both models on them.
+        val = built.result.val_index.numpy()
+        xt = torch.from_numpy(x)
+        metrics: dict[str, Any] = {
+            "events": len(ids),
+            "first_event": int(ids[0]),
+            "last_event": int(ids[-1]),
+            "val_rec": held_out_error(built.model, xt[val]),
+            "n_clusters": built.clusterer.k,
+            "seconds": time.monotonic() - t0,
+            "device": str(dev),
+            "final_beta": built.result.schedule.beta,
+            "train_rec": float(encode_mu(built.model, xt)[1].double().mean()),
+        }
+        mu_new = encode_mu(built.model, xt)[0].double().numpy()
+        next_id = 0
+        if parent is not None:
+            metrics["parent_val_rec"] = held_out_error(parent.model, xt[val])
+            served = store.outputs_for(ids)  # the IDs users have seen for these events
+            next_id = int(parent.manifest.get("next_cluster_id", int(parent.clusterer.ids.max()) + 1))
+            next_id = max(next_id, int(served.max()) + 1)
+            built.clusterer.ids = align_ids(served, built.clusterer.components(mu_new), built.clusterer.k, next_id)
+        next_id = max(next_id, int(built.clusterer.ids.max()) + 1)
+        if labelled.sum() >= 2:
+            new_pred = built.clusterer.assign(mu_new[labelled]).cluster
+            metrics["ari"] = scores(labels[labelled], new_pred)["ari"]
+            if parent is not None:
+                mu_old = encode_mu(parent.model, xt[torch.from_numpy(labelled)])[0].double().numpy()
+                metrics["parent_ari"] = scores(labels[labelled], parent.clusterer.assign(mu_old).cluster)["ari"]
+        manifest = {
+            **built.manifest,
+            "kind": args.kind,
+            "version": args.version,
+            "parent": parent.manifest.get("version") if parent is not None else None,
+            "next_cluster_id": next_id,
+            "gate_metrics": metrics,
+            "data": {"store": str(store.path), "first_event": int(ids[0]), "last_event": int(ids[-1])},
+        }
+        out = Path(args.state) / "models" / f"v{args.version}"
+        write_version(out, pack(built.model, built.clusterer, FeatureConfig(), "recordings", manifest), replace=True)
+        del np  # numpy only used through the store
+        return {"path": str(out), "version": args.version, "kind": args.kind, "metrics": metrics}
+    finally:
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m daemon.trainer", description=__doc__)
+    ap.add_argument("--state", required=True)
+    ap.add_argument("--version", type=int, required=True)
+    ap.add_argument("--kind", choices=KINDS, required=True)
+    ap.add_argument("--config", required=True, help="JSON: epochs, max_events, device, threads, seed")
+    ap.add_argument("--parent", default="")
+    args = ap.parse_args(argv)
+    try:
+        done = run(args)
+    except Exception as e:  # reported to the daemon, which logs, counts and backs off
+        say("error", message=f"{type(e).__name__}: {e}"[:2000])
+        return 1
+    say("done", **done)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
