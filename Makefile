@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m daemon.demo
+	$(BIN)/wingbeat demo
 
 test: $(STAMP)
 	$(BIN)/ruff check model daemon tests bench

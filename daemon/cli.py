@@ -118,7 +118,9 @@ def train(
     reference: Annotated[
         bool, typer.Option(help="Behave as the paper's published code: its β-rule quirks, ReLU, last epoch kept.")
     ] = False,
-    latent_dim: Annotated[int, typer.Option(min=1, help="Latent dimensions.")] = 2,
+    latent_dim: Annotated[
+        int | None, typer.Option(min=1, help="Latent dimensions (default 4; 2 with --reference).")
+    ] = None,
     free_bits: Annotated[
         float | None,
         typer.Option(min=0.0, help="KL floor in nats per latent dimension (0 = off; default 1, 0 with --reference)."),
@@ -156,7 +158,9 @@ def train(
     feat_cfg = FeatureConfig()
     ds = load_dataset(data, feat_cfg, skip_bad=skip_bad)
     vae_cfg = VAEConfig(
-        n_in=int(ds.features[0].size), latent_dim=latent_dim, activation="relu" if reference else "leaky_relu"
+        n_in=int(ds.features[0].size),
+        latent_dim=latent_dim or (2 if reference else VAEConfig.latent_dim),
+        activation="relu" if reference else "leaky_relu",
     )
     train_cfg = TrainConfig(
         epochs=epochs,
@@ -485,6 +489,17 @@ def retrain(
         raise ValueError(f"{state}: no such state directory")
     (state / RETRAIN_REQUEST).touch()
     typer.echo(f"retrain requested in {state}; the daemon starts it within a second or two")
+
+
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option(min=100, help="Simulated events to send.")] = 4000,
+    rate: Annotated[float, typer.Option(min=1.0, help="Events per second.")] = 200.0,
+) -> None:
+    """Start the daemon on embedded defaults, feed it a simulated instrument, and show what it does."""
+    from daemon.demo import run_demo
+
+    raise typer.Exit(run_demo(events=events, rate=rate))
 
 
 def main() -> None:

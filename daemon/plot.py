@@ -9,6 +9,17 @@ import numpy as np
 from model.checkpoint import ModelVersion
 
 
+def to_plane(mu: np.ndarray) -> np.ndarray:
+    """Points (n, d) as (n, 2): as they are for d = 2, padded for d = 1, on their two principal axes for d > 2."""
+    if mu.shape[1] == 1:
+        return np.column_stack([mu[:, 0], np.zeros(len(mu))])
+    if mu.shape[1] == 2 or len(mu) < 2:
+        return mu[:, :2]
+    centred = mu - mu.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T
+
+
 def render(version: ModelVersion, features: np.ndarray | None, labels: np.ndarray | None, out: Path) -> None:
     import matplotlib
 
@@ -25,9 +36,7 @@ def render(version: ModelVersion, features: np.ndarray | None, labels: np.ndarra
         rng = np.random.default_rng(0)
         show = rng.choice(len(features), min(len(features), 5000), replace=False)
         pred = predict(version, features[show])
-        mu = pred.latent
-        if mu.shape[1] < 2:
-            mu = np.column_stack([mu[:, 0], np.zeros(len(mu))])
+        mu = to_plane(pred.latent)
         sc = ax_c.scatter(mu[:, 0], mu[:, 1], c=pred.cluster, cmap="tab20", s=4)
         ax_c.legend(*sc.legend_elements(num=None), title="cluster", fontsize=7, loc="best", markerscale=0.8)
         if labels is not None and (labels[show] != "").any():
@@ -51,20 +60,17 @@ def render(version: ModelVersion, features: np.ndarray | None, labels: np.ndarra
         ax_spec.set_title("spectra (blue) and reconstructions (orange), offset")
         ax_spec.set_xlabel("input bin (channels back to back)")
     else:
-        means = version.clusterer.means
-        ax_c.scatter(
-            means[:, 0],
-            means[:, 1] if means.shape[1] > 1 else np.zeros(len(means)),
-            c=version.clusterer.ids,
-            cmap="tab20",
-        )
+        means = to_plane(version.clusterer.means)
+        ax_c.scatter(means[:, 0], means[:, 1], c=version.clusterer.ids, cmap="tab20")
         for ident, m in zip(version.clusterer.ids, means, strict=True):
-            ax_c.annotate(str(ident), m[:2] if len(m) > 1 else (m[0], 0))
+            ax_c.annotate(str(ident), m)
         ax_l.text(0.5, 0.5, "give a data set to see events", ha="center", va="center", transform=ax_l.transAxes)
         ax_spec.text(
             0.5, 0.5, "give a data set to see reconstructions", ha="center", va="center", transform=ax_spec.transAxes
         )
-    ax_c.set_title(f"latent μ by cluster ({version.clusterer.k} clusters; −1 = novel)")
+    d = version.model.cfg.latent_dim
+    plane = "" if d <= 2 else f", the {d}-D latent on its two principal axes"
+    ax_c.set_title(f"latent μ by cluster ({version.clusterer.k} clusters; −1 = novel{plane})")
     if hist.get("rec"):
         ep = np.arange(len(hist["rec"]))
         ax_curves.plot(ep, hist["rec"], label="L_rec (train)")

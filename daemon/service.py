@@ -572,8 +572,8 @@ class Service:
             threading.Thread(target=read_stdout, args=(proc.stdout, run.reports), daemon=True),
             threading.Thread(target=read_stderr, args=(proc.stderr, run.stderr_tail), daemon=True),
         ]
-        for t in run.readers:
-            t.start()
+        for reader in run.readers:
+            reader.start()
         self.trainer = run
         self.last_training_events = self.store.count_events()
         self.last_training_time = time.monotonic()

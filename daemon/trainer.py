@@ -66,8 +66,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         parent = read_version(args.parent) if args.parent else None
         epochs = int(cfg["epochs"])
         labelled = labels != ""
+        # Small stores early on: batches small enough for a few optimiser steps per epoch (256 over 300 events
+        # gives 2 steps, and the warm-up never trains the auto-encoder).
+        batch = min(256, max(32, len(ids) // 16))
         train_cfg = TrainConfig(
             epochs=epochs,
+            batch_size=batch,
             seed=int(cfg.get("seed", 0)) + args.version,
             beta=BetaConfig(warmup=min(25, max(0, epochs // 4))),
             semi_supervised=bool(len(set(labels[labelled])) >= 2),
@@ -80,6 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             schedule = BetaSchedule.from_dict(parent.manifest["beta_schedule"])
             train_cfg = TrainConfig(
                 epochs=epochs,
+                batch_size=batch,
                 seed=train_cfg.seed,
                 beta=schedule.cfg,
                 semi_supervised=train_cfg.semi_supervised,

@@ -1,0 +1,259 @@
+"""The real daemon process on random loopback ports, real ZeroMQ sockets, a real SQLite file. Every wait has a
+timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from scipy.optimize import linear_sum_assignment
+
+from daemon.clients import events_of, replay
+from daemon.datasets import read_recordings
+from daemon.protocol import decode_ack
+from daemon.store import Store
+from daemon.versions import read_version
+from model.predict import predict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = """
+[ingest]
+endpoint = "tcp://127.0.0.1:0"
+[publish]
+endpoint = "tcp://127.0.0.1:0"
+[metrics]
+listen = "127.0.0.1:0"
+[training]
+first_after = 240
+epochs_first = 60
+epochs_full = 60
+epochs_finetune = 10
+finetune_every_events = 100000
+full_every_events = 100000
+finetune_every_s = 0.0
+"""
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def wait_for(what, timeout: float, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"gave up after {timeout} s")
+
+
+class Daemon:
+    def __init__(self, state: Path, config: Path, *extra: str) -> None:
+        self.state = state
+        self.log = open(state.parent / f"{state.name}.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "run", "--config", str(config), "--state", str(state), *extra],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        info = wait_for(lambda: self._endpoints(), 60)
+        self.ingest, self.publish, self.metrics = info["ingest"], info["publish"], info["metrics"]
+
+    def _endpoints(self) -> dict[str, str] | None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.logs()[-2000:]}")
+        try:
+            info = json.loads((self.state / "endpoints.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return info if info["pid"] == self.proc.pid else None
+
+    def logs(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return (self.state.parent / f"{self.state.name}.log").read_text()
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.logs().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def status(self) -> dict:
+        r = cli("status", "--state", str(self.state), "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.splitlines()[-1])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.log.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "sim.npz"
+    r = cli("simulate", "--out", str(out), "--events", "320", "--species", "3", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("cfg") / "wingbeat.toml"
+    p.write_text(CONFIG)
+    return p
+
+
+class Subscriber:
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"cluster.")
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.got: list[dict] = []
+
+    def drain(self, until: int, timeout: float) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while len(self.got) < until and time.monotonic() < deadline:
+            if self.sock.poll(200):
+                self.got.append(json.loads(self.sock.recv_multipart()[1]))
+        return self.got
+
+
+@pytest.mark.slow
+def test_from_empty_state_to_published_clusters_and_a_stable_retrain(tmp_path, sim, config):
+    d = Daemon(tmp_path / "state", config)
+    try:
+        sub = Subscriber(d.publish)
+        time.sleep(0.3)  # let the subscription reach the publisher
+        rec = read_recordings(sim)
+        res = replay(events_of(rec, "replay", 0, True), d.ingest, window=64, ack_timeout_s=10, give_up_s=60)
+        assert (res.acked, res.unacked, res.rejected, res.duplicates) == (320, 0, {}, 0)
+        # no model until 240 events: then the first training runs in the background and the backlog is published
+        got = sub.drain(320, timeout=240)
+        assert len(got) == 320
+        assert sorted(g["event_id"] for g in got) == list(range(1, 321))  # every event once, none twice
+        assert [g["event_id"] for g in got] == sorted(g["event_id"] for g in got)  # in arrival order
+        assert all(len(g["latent"]) == 4 and g["model_version"] == 1 and "cluster" in g for g in got)
+        st = d.status()
+        assert st["events"] == 320 and st["outputs"] == 320 and st["serving"] == 1
+        assert sum(st["per_cluster"].values()) == 320 and sum(st["per_sensor"].values()) == 320
+
+        # resending everything: all acked as duplicates, nothing stored twice
+        again = replay(events_of(rec, "replay", 0, True), d.ingest, window=64, ack_timeout_s=10, give_up_s=60)
+        assert (again.acked, again.duplicates) == (320, 320)
+        assert d.status()["events"] == 320
+
+        # export agrees with what was sent
+        csv_out = tmp_path / "out.csv"
+        r = cli("export", "--state", str(d.state), "--out", str(csv_out))
+        assert r.returncode == 0, r.stderr
+        lines = csv_out.read_text().splitlines()
+        assert len(lines) == 321 and lines[0].startswith("event_id,sensor,seq")
+
+        # a retrain now, on the same data: version 2 serves and keeps the cluster IDs of version 1
+        assert cli("retrain", "--state", str(d.state)).returncode == 0
+        wait_for(lambda: d.status()["serving"] == 2, timeout=180, every=1)
+        store = Store(d.state, readonly=True)
+        ids, x, _ = store.training_set(1000)
+        old = store.outputs_for(ids)
+        store.close()
+        new = predict(read_version(d.state / "models" / "v2"), x).cluster
+        both = (old >= 0) & (new >= 0)
+        same = np.mean(old[both] == new[both])
+        # the best any relabelling of version 2's clusters could do on these events (two seeds of a short training
+        # need not find the same partition): the IDs must reach it
+        table = np.zeros((old.max() + 1, new.max() + 1))
+        np.add.at(table, (old[both], new[both]), 1)
+        rows, cols = linear_sum_assignment(table, maximize=True)
+        assert same >= 0.99 * table[rows, cols].sum() / both.sum() and same > 0.5
+
+        # the metrics endpoint and health check
+        body = urllib.request.urlopen(f"http://{d.metrics}/metrics", timeout=10).read().decode()
+        assert "wingbeat_events_stored_total" in body and "wingbeat_model_version 2.0" in body
+        assert urllib.request.urlopen(f"http://{d.metrics}/healthz", timeout=10).status == 200
+    finally:
+        code = d.stop()
+    assert code == 0
+    names = [e.get("event") for e in d.events()]
+    assert {"ready", "training_started", "model_serving", "stopping", "stopped"} <= set(names)
+
+
+@pytest.mark.slow
+def test_bad_input_is_acked_as_rejected_counted_and_quarantined(tmp_path, config):
+    d = Daemon(tmp_path / "state", config)
+    try:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(d.ingest)
+        header = {"v": 1, "sensor": "s", "seq": 1, "t0_ns": 1, "fs": 20800, "dtype": "int16", "shape": [1, 100]}
+        bad = [
+            [b"rec.s", b"{nope", b""],
+            [b"rec.s", json.dumps({**header, "v": 9}).encode(), b"\0" * 200],
+            [b"rec.s", json.dumps(header).encode(), b"\0" * 3],
+            [b"rec.s", json.dumps(header).encode(), np.zeros(100, "<i2").tobytes()],  # constant: no spectrum
+        ]
+        for frames in bad:
+            sock.send_multipart(frames)
+        acks = []
+        while len(acks) < len(bad) and sock.poll(10_000):
+            acks.append(decode_ack(sock.recv_multipart()))
+        assert sorted(a["reason"] for a in acks) == ["featurise", "json", "length", "version"]
+        assert all(a["status"] == "rejected" for a in acks)
+        st = wait_for(lambda: (s := d.status())["quarantine"] and s, timeout=10)
+        assert st["quarantine"] == {"featurise": 1, "json": 1, "length": 1, "version": 1} and st["events"] == 0
+        body = urllib.request.urlopen(f"http://{d.metrics}/metrics", timeout=10).read().decode()
+        assert 'wingbeat_events_rejected_total{reason="json"} 1.0' in body
+        sock.close()
+        # SIGHUP reloads and says what needs a restart
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: any(e.get("event") == "reloaded" for e in d.events()), timeout=10)
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.slow
+def test_starts_from_a_model_trained_offline_and_refuses_a_bad_one(tmp_path, sim, config):
+    model = tmp_path / "m"
+    r = cli("train", str(sim), "--out", str(model), "--epochs", "30", timeout=300)
+    assert r.returncode == 0, r.stderr
+    d = Daemon(tmp_path / "state", config, "--model", str(model))
+    try:
+        sub = Subscriber(d.publish)
+        time.sleep(0.3)
+        rec = read_recordings(sim)
+        res = replay(events_of(rec, "a", 0, False), d.ingest, window=32, ack_timeout_s=10, give_up_s=60)
+        assert res.acked == 320
+        assert len(sub.drain(320, timeout=60)) == 320  # a model from the start: outputs right away
+    finally:
+        assert d.stop() == 0
+    (model / "weights.safetensors").write_bytes(b"garbage")
+    r = cli("run", "--state", str(tmp_path / "s2"), "--model", str(model), "--metrics", "", timeout=60)
+    assert r.returncode == 2 and "does not match the checksum" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_replay_says_what_was_not_acked(tmp_path, sim):
+    # nothing listens there: every event stays unacked, exit status 1
+    r = cli("replay", str(sim), "--connect", "tcp://127.0.0.1:9", "--give-up", "1", "--ack-timeout", "0.5")
+    assert r.returncode == 1 and "acked 0" in r.stdout and "unacked" in r.stdout
+
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -1,0 +1,98 @@
+import sqlite3
+
+import numpy as np
+import pytest
+
+from daemon.store import SCHEMA_VERSION, NewEvent, Output, Store, StoreError
+
+
+def ev(seq: int, sensor: str = "s1", label: str = "") -> NewEvent:
+    x = np.full((2, 100), seq, np.int16)
+    return NewEvent(
+        sensor,
+        seq,
+        1000 + seq,
+        20800.0,
+        "int16",
+        2,
+        100,
+        label,
+        {"k": seq},
+        x.tobytes(),
+        np.full((2, 4), seq / 10, np.float32),
+    )
+
+
+def test_round_trip_and_dedup(tmp_path):
+    st = Store(tmp_path)
+    ids = st.ingest([ev(0), ev(1)], [("json", "bad", None, None, b"xx")], keep_raw=True)
+    assert ids == [1, 2]
+    assert st.ingest([ev(1), ev(2)], [], keep_raw=True) == [-1, 3]  # (s1, 1) is stored already
+    pid, x, ok = st.pending(10, 8)
+    assert pid.tolist() == [1, 2, 3] and ok.all() and x[2, 0] == pytest.approx(0.2)
+    st.add_outputs([Output(1, 1, 4, 0.9, 0.1, 0.5, [0.5, -0.5])])
+    assert st.pending(10, 8)[0].tolist() == [2, 3]
+    rows = st.unpublished(10)
+    assert rows == [
+        {
+            "event_id": 1,
+            "sensor": "s1",
+            "seq": 0,
+            "t0_ns": 1000,
+            "latent": [0.5, -0.5],
+            "cluster": 4,
+            "probability": 0.9,
+            "novelty": 0.1,
+            "model_version": 1,
+        }
+    ]
+    st.mark_published([1])
+    assert st.unpublished(10) == []
+    s = st.summary()
+    assert s["events"] == 3 and s["per_cluster"] == {"4": 1} and s["quarantine"] == {"json": 1}
+    st.close()
+    again = Store(tmp_path, readonly=True)  # everything committed survives a reopen
+    assert again.count_events() == 3 and again.integrity_ok()
+
+
+def test_a_failed_batch_stores_nothing(tmp_path):
+    st = Store(tmp_path)
+    st.db.execute("CREATE TRIGGER boom BEFORE INSERT ON raw WHEN NEW.event_id = 2 BEGIN SELECT RAISE(ABORT, 'x'); END")
+    with pytest.raises(sqlite3.DatabaseError):
+        st.ingest([ev(0), ev(1)], [], keep_raw=True)
+    assert st.count_events() == 0  # nothing of the batch, so nothing of it may be acked
+
+
+def test_retention_drops_oldest_raw_only(tmp_path):
+    st = Store(tmp_path)
+    st.ingest([ev(i) for i in range(10)], [], keep_raw=True)
+    per = 2 * 100 * 2
+    assert st.raw_bytes() == 10 * per
+    assert st.prune_raw(None, 4 * per) == 6
+    kept = [r[0] for r in st.db.execute("SELECT event_id FROM raw ORDER BY event_id")]
+    assert kept == [7, 8, 9, 10]
+    assert st.db.execute("SELECT count(*) FROM features").fetchone()[0] == 10  # features are kept
+    assert st.prune_raw(0.0, None) == 4  # older than 0 s: everything
+
+
+def test_training_set_mixes_recent_and_older(tmp_path):
+    st = Store(tmp_path)
+    st.ingest([ev(i, label="a" if i % 2 else "") for i in range(100)], [], keep_raw=False)
+    ids, x, labels = st.training_set(limit=30, recent=10)
+    assert len(ids) == 30 and ids[-10:].tolist() == list(range(91, 101))
+    assert ids[0] == 1 and np.all(np.diff(ids) > 0)
+    assert x.shape == (30, 8) and set(labels) == {"a", ""}
+
+
+def test_schema_version_and_refusal_of_newer(tmp_path):
+    st = Store(tmp_path)
+    assert st.schema_version() == SCHEMA_VERSION
+    st.db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    st.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        Store(tmp_path)
+
+
+def test_readonly_needs_a_store(tmp_path):
+    with pytest.raises(StoreError, match="no store"):
+        Store(tmp_path / "nothing", readonly=True)
