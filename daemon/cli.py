@@ -384,6 +384,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Events per sensor and per cluster, quarantine by reason, model versions, trainings."""
+    import time
+    from datetime import UTC, datetime
+
     from daemon.store import Store
 
     store = Store(state, readonly=True)
@@ -395,6 +398,10 @@ def status(
     serving = [m for m in info["models"] if m["status"] == "serving"]
     info["serving"] = serving[-1]["version"] if serving else None
     info["endpoints"] = _endpoints(state)
+    try:
+        info["daemon"] = json.loads((state / "daemon-status.json").read_text())
+    except (OSError, ValueError):
+        info["daemon"] = None
     if as_json:
         emit_json(info)
         return
@@ -413,6 +420,17 @@ def status(
         typer.echo(f"model v{m['version']}: {m['status']} ({m['kind']}) {extra} {m['reason']}".rstrip())
     if not info["models"]:
         typer.echo("no model yet")
+    if info["models"]:
+        last = info["models"][-1]
+        when = datetime.fromtimestamp(last["created_ns"] / 1e9, tz=UTC).isoformat(timespec="seconds")
+        typer.echo(f"last training: v{last['version']} ({last['kind']}, {last['status']}) at {when}")
+    d = info["daemon"]
+    if d:
+        age = time.time() - d["updated_ns"] / 1e9
+        typer.echo(
+            f"daemon pid {d['pid']} ({'up' if age < 10 else f'no update for {age:.0f} s'}): "
+            f"{d['events_per_s']} events/s; next training: {d['next_training']}"
+        )
 
 
 @app.command()

@@ -730,6 +730,45 @@ class Service:
         self.metrics.quarantine.set(self.store.quarantine_count())
         status = self._status_line()
         sd_notify(f"WATCHDOG=1\nSTATUS={status}")
+        self._write_status()
+
+    def _next_training(self) -> str:
+        t = self.cfg.training
+        n = self.store.count_events()
+        if self.trainer is not None:
+            return "running now"
+        if self.model is None:
+            return f"first training when {t.first_after} events are stored ({n} now)"
+        since = n - self.last_training_events
+        parts = [f"fine-tune in {max(0, t.finetune_every_events - since)} events"]
+        if t.finetune_every_s > 0:
+            left = t.finetune_every_s - (time.monotonic() - self.last_training_time)
+            parts.append(f"or {max(0.0, left):.0f} s (with new events)")
+        parts.append(f"full retrain in {max(0, t.full_every_events - since)} events, or on drift")
+        if time.monotonic() < self.next_training_at:
+            parts.append(f"backing off {self.next_training_at - time.monotonic():.0f} s after {self.failures} failures")
+        return ", ".join(parts)
+
+    def _write_status(self) -> None:
+        """What ``wingbeat status`` shows of the running daemon (the store holds the rest)."""
+        run = self.trainer
+        info = {
+            "pid": os.getpid(),
+            "updated_ns": time.time_ns(),
+            "events_per_s": round(self.events_per_s(), 1),
+            "serving": self.version or None,
+            "training": None
+            if run is None
+            else {"version": run.version, "kind": run.kind, "seconds": round(time.monotonic() - run.started, 1)},
+            "next_training": self._next_training(),
+            "raw_kept": self.keep_raw,
+        }
+        try:
+            tmp = self.state / ".daemon-status.json.tmp"
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, self.state / "daemon-status.json")
+        except OSError:
+            pass  # a full disk must not stop the loop; the metrics say the same
 
     def events_per_s(self) -> float:
         if len(self.events_window) < 2:

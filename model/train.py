@@ -130,7 +130,8 @@ def fit(
         t0 = time.perf_counter()
         beta = schedule.beta
         if cfg.semi_supervised and not (cfg.beta.reference and schedule.frozen):
-            gamma = cfg.gamma.at(epoch)  # the published code stopped cycling γ once β froze
+            gamma = cfg.gamma.at(schedule.epoch)  # schedule.epoch: a fine-tune continues the cycle (the
+            # published code stopped cycling γ once β froze)
         model.train()
         perm = torch.randperm(len(xt), generator=gen).to(device)
         sums = torch.zeros(3, dtype=torch.float64, device=device)

@@ -264,6 +264,26 @@ def test_starts_from_a_model_trained_offline_and_refuses_a_bad_one(tmp_path, sim
     assert r.returncode == 2 and "does not match the checksum" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
+def test_drift_starts_a_retrain(tmp_path, sim):
+    model = tmp_path / "m"
+    assert cli("train", str(sim), "--out", str(model), "--epochs", "60").returncode == 0  # 3 species
+    other = tmp_path / "other.npz"
+    assert cli("simulate", "--out", str(other), "--events", "300", "--species", "12", "--seed", "7").returncode == 0
+    conf = tmp_path / "drift.toml"
+    conf.write_text(CONFIG + "drift_window = 100\ndrift_novelty = 0.2\n")
+    d = Daemon(tmp_path / "state", conf, "--model", str(model))
+    try:
+        res = replay(events_of(read_recordings(other), "field", 0, False), d.ingest, window=32, give_up_s=60)
+        assert res.acked == 300
+        drift = wait_for(lambda: [e for e in d.events() if e.get("event") == "drift"], timeout=60)
+        assert drift[0]["novel_fraction"] > 0.2 or drift[0]["rec_error"] > 2 * drift[0]["training_rec_error"]
+        started = wait_for(lambda: [e for e in d.events() if e.get("event") == "training_started"], timeout=30)
+        assert started[0]["kind"] == "full" and started[0]["parent"] == 1
+    finally:
+        assert d.stop() == 0
+
+
 def test_replay_says_what_was_not_acked(tmp_path, sim):
     # nothing listens there: every event stays unacked, exit status 1
     r = cli("replay", str(sim), "--connect", "tcp://127.0.0.1:9", "--give-up", "1", "--ack-timeout", "0.5")
