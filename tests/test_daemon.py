@@ -280,6 +280,15 @@ def test_drift_starts_a_retrain(tmp_path, sim):
         assert drift[0]["novel_fraction"] > 0.2 or drift[0]["rec_error"] > 2 * drift[0]["training_rec_error"]
         started = wait_for(lambda: [e for e in d.events() if e.get("event") == "training_started"], timeout=30)
         assert started[0]["kind"] == "full" and started[0]["parent"] == 1
+        # the trainer killed mid-training: logged, counted, retried later; serving goes on
+        os.kill(started[0]["pid"], signal.SIGKILL)
+        failed = wait_for(lambda: [e for e in d.events() if e.get("event") == "training_failed"], timeout=30)
+        assert "signal 9" in failed[0]["error"] and failed[0]["retry_in_s"] > 0
+        more = replay(events_of(read_recordings(other), "field", 300, False), d.ingest, window=32, give_up_s=60)
+        assert more.acked == 300
+        body = urllib.request.urlopen(f"http://{d.metrics}/metrics", timeout=10).read().decode()
+        assert 'wingbeat_training_runs_total{kind="full",outcome="failed"} 1.0' in body
+        assert d.status()["serving"] == 1
     finally:
         assert d.stop() == 0
 
