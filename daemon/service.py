@@ -120,6 +120,7 @@ class Service:
         self.last_training_time = time.monotonic()
         self.recent_novel: deque[bool] = deque(maxlen=cfg.training.drift_window)
         self.recent_rec: deque[float] = deque(maxlen=cfg.training.drift_window)
+        self.n_events = self.store.count_events()  # kept up to date here: count(*) scans the table
         self.last_seq: dict[str, int] = {
             s: q for s, q in self.store.db.execute("SELECT sensor, max(seq) FROM events GROUP BY sensor")
         }
@@ -241,10 +242,10 @@ class Service:
         self._install_signals()
         self.bind()
         self.load_initial_model()
-        self.last_training_events = self.store.count_events() if self.model else 0
+        self.last_training_events = self.n_events if self.model else 0
         self._republish()
         sd_notify("READY=1\nSTATUS=" + self._status_line())
-        self.log.info("ready", model_version=self.version or None, events=self.store.count_events())
+        self.log.info("ready", model_version=self.version or None, events=self.n_events)
         poller = zmq.Poller()
         for s in (self.router, self.pull):
             if s is not None:
@@ -335,11 +336,13 @@ class Service:
                 else:
                     bad[i] = str(fb.errors[row])
         keep: list[tuple[Received, Event]] = []
+        keep_feats: list[np.ndarray] = []
         for i, (r, e) in enumerate(events):
             if i in bad:
                 rejects.append((r, Reject("featurise", bad[i].split(": ", 1)[-1], e.sensor, e.seq)))
             else:
                 keep.append((r, e))
+                keep_feats.append(feats[i])
         new = [
             NewEvent(
                 e.sensor,
@@ -352,9 +355,9 @@ class Service:
                 e.label,
                 e.meta,
                 e.samples.tobytes(),
-                feats[events.index((r, e))],
+                f,
             )
-            for r, e in keep
+            for (_, e), f in zip(keep, keep_feats, strict=True)
         ]
         cap = self.cfg.ingest.quarantine_frame_bytes
         quarantine = [
@@ -388,6 +391,7 @@ class Service:
             if eid < 0:
                 duplicates.append((r, e))
                 continue
+            self.n_events += 1
             s = self.metrics.sensor(e.sensor)
             self.metrics.stored.labels(s).inc()
             self.metrics.last_event.labels(s).set(time.time())
@@ -497,7 +501,7 @@ class Service:
 
     def _training_due(self) -> str:
         t = self.cfg.training
-        n = self.store.count_events()
+        n = self.n_events
         if (self.state / RETRAIN_REQUEST).exists():
             (self.state / RETRAIN_REQUEST).unlink(missing_ok=True)
             self.retrain = True
@@ -575,7 +579,7 @@ class Service:
         for reader in run.readers:
             reader.start()
         self.trainer = run
-        self.last_training_events = self.store.count_events()
+        self.last_training_events = self.n_events
         self.last_training_time = time.monotonic()
         self.metrics.training.set(1)
         self.log.info(
@@ -734,7 +738,7 @@ class Service:
 
     def _next_training(self) -> str:
         t = self.cfg.training
-        n = self.store.count_events()
+        n = self.n_events
         if self.trainer is not None:
             return "running now"
         if self.model is None:

@@ -119,6 +119,7 @@ class Store:
             self.db.execute("PRAGMA synchronous=FULL")
             self._migrate()
         self.db.execute("PRAGMA foreign_keys=OFF")
+        self._raw_bytes: int | None = None
 
     # ---- schema -------------------------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -175,6 +176,7 @@ class Store:
         """
         now = time.time_ns()
         ids: list[int] = []
+        added = 0
         try:
             self.db.execute("BEGIN IMMEDIATE")
             for e in events:
@@ -204,6 +206,7 @@ class Store:
                 )
                 if keep_raw:
                     self.db.execute("INSERT INTO raw VALUES (?, ?)", (eid, e.samples))
+                    added += len(e.samples)
             for reason, detail, sensor, seq, frames in rejects:
                 self.db.execute(
                     "INSERT INTO quarantine (received_ns, reason, detail, sensor, seq, frames) VALUES (?,?,?,?,?,?)",
@@ -214,6 +217,8 @@ class Store:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             raise
+        if self._raw_bytes is not None:
+            self._raw_bytes += added
         return ids
 
     # ---- outputs ------------------------------------------------------------------------------------------
@@ -365,28 +370,41 @@ class Store:
 
     # ---- retention ----------------------------------------------------------------------------------------
     def raw_bytes(self) -> int:
-        return int(self.db.execute("SELECT coalesce(sum(length(samples)), 0) FROM raw").fetchone()[0])
+        """Bytes of raw samples kept: summed once, then kept up to date by ``ingest`` and ``prune_raw``."""
+        if self._raw_bytes is None:
+            self._raw_bytes = int(self.db.execute("SELECT coalesce(sum(length(samples)), 0) FROM raw").fetchone()[0])
+        return self._raw_bytes
 
     def prune_raw(self, max_age_s: float | None, max_bytes: int | None) -> int:
         """Drop raw samples older than ``max_age_s`` and then the oldest until under ``max_bytes``; return rows
         dropped. Features are written with the event, so nothing unfeaturised is ever dropped."""
-        dropped = 0
+        total = self.raw_bytes()
+        cutoff_id = 0
+        if max_age_s is not None:
+            cutoff = time.time_ns() - int(max_age_s * 1e9)
+            oldest = int(self.db.execute("SELECT coalesce(min(event_id), 0) FROM raw").fetchone()[0])
+            # IDs grow with arrival: the first young event from the oldest kept one on bounds what is too old
+            young = self.db.execute(
+                "SELECT id FROM events WHERE id >= ? AND received_ns >= ? ORDER BY id LIMIT 1", (oldest, cutoff)
+            ).fetchone()
+            cutoff_id = int(young[0]) - 1 if young else self.max_event_id()
+        if max_bytes is not None and total > max_bytes:
+            acc = total
+            for eid, size in self.db.execute("SELECT event_id, length(samples) FROM raw ORDER BY event_id"):
+                if acc <= max_bytes:
+                    break
+                acc -= size
+                cutoff_id = max(cutoff_id, eid)
+        if cutoff_id == 0:
+            return 0
         with self._tx():
-            if max_age_s is not None:
-                cutoff = time.time_ns() - int(max_age_s * 1e9)
-                dropped += self.db.execute(
-                    "DELETE FROM raw WHERE event_id IN (SELECT id FROM events WHERE received_ns < ?)", (cutoff,)
-                ).rowcount
-            if max_bytes is not None:
-                total = int(self.db.execute("SELECT coalesce(sum(length(samples)), 0) FROM raw").fetchone()[0])
-                if total > max_bytes:
-                    cut, acc = None, total
-                    for eid, size in self.db.execute("SELECT event_id, length(samples) FROM raw ORDER BY event_id"):
-                        acc -= size
-                        cut = eid
-                        if acc <= max_bytes:
-                            break
-                    dropped += self.db.execute("DELETE FROM raw WHERE event_id <= ?", (cut,)).rowcount
+            freed = int(
+                self.db.execute(
+                    "SELECT coalesce(sum(length(samples)), 0) FROM raw WHERE event_id <= ?", (cutoff_id,)
+                ).fetchone()[0]
+            )
+            dropped = self.db.execute("DELETE FROM raw WHERE event_id <= ?", (cutoff_id,)).rowcount
+        self._raw_bytes = total - freed
         return dropped
 
     def file_bytes(self) -> int:
