@@ -39,7 +39,8 @@ sys.path.insert(0, sys.argv[1])
 from daemon.clients import events_of, replay
 from daemon.datasets import read_recordings
 from daemon.protocol import Event
-rec = read_recordings(sys.argv[2])
+from pathlib import Path
+rec = read_recordings(Path(sys.argv[2]))
 endpoint, rate, sensor, start, repeat = sys.argv[3], float(sys.argv[4]), sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
 def stamped():
     seq = start

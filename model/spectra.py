@@ -119,26 +119,38 @@ def welch(
 
     for (seg, hop, nfft), members in groups.items():
         window = scipy.signal.get_window("hann", seg).astype(np.float32)
-        pieces, counts = [], []
+        views, counts = [], []
         for i in members:
             x = np.asarray(events[i], dtype=np.float32)
-            frames = np.lib.stride_tricks.sliding_window_view(x, seg, axis=-1)[:, ::hop]  # (C, nseg, seg)
-            pieces.append(frames.reshape(-1, seg))
+            frames = np.lib.stride_tricks.sliding_window_view(x, seg, axis=-1)[:, ::hop]  # (C, nseg, seg), no copy
+            views.append(frames)
             counts.extend([frames.shape[1]] * frames.shape[0])
-        segs = np.concatenate(pieces)  # (all segments, seg)
-        segs -= segs.mean(axis=1, keepdims=True)  # detrend="constant"
-        segs *= window
+        # every segment of every event, zero-padded to nfft, written once into one array for one FFT
+        segs = np.zeros((sum(counts), nfft), dtype=np.float32)
+        row = 0
+        for frames in views:
+            for channel in frames:
+                segs[row : row + len(channel), :seg] = channel
+                row += len(channel)
+        body = segs[:, :seg]
+        body -= body.mean(axis=1, keepdims=True)  # detrend="constant"
+        body *= window
         n_bins = nfft // 2 + 1
-        spec = scipy.fft.rfft(segs, n=nfft, axis=1, workers=1)
-        power = spec.real**2 + spec.imag**2  # (segments, n_bins)
+        # bins kept by any member: power, averaging and folding only for those (f_keep = 2 kHz keeps ~1/5)
+        kept = n_bins
+        if f_keep is not None:
+            kept = max(min(n_bins, int(np.ceil(f_keep * nfft / fs[i])) + 1) for i in members)
+        spec = scipy.fft.rfft(segs, axis=1, workers=1)[:, :kept]
+        power = spec.real**2 + spec.imag**2  # (segments, kept)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         mean = np.add.reduceat(power, starts, axis=0) / np.asarray(counts, np.float32)[:, None]
-        mean[:, 1 : n_bins - 1 if nfft % 2 == 0 else n_bins] *= 2  # one-sided: fold negative frequencies
+        last = n_bins - 1 if nfft % 2 == 0 else n_bins  # the Nyquist bin of an even nfft has no mirror
+        mean[:, 1 : min(last, kept)] *= 2  # one-sided: fold negative frequencies
         win_power = float(np.sum(window.astype(np.float64) ** 2))
         row = 0
         for i in members:
             c = events[i].shape[0]
-            freqs = np.arange(n_bins) * (fs[i] / nfft)
+            freqs = np.arange(kept) * (fs[i] / nfft)
             psd = mean[row : row + c] / np.float32(fs[i] * win_power)
             row += c
             if f_keep is not None:
