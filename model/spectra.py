@@ -125,23 +125,32 @@ def welch(
             frames = np.lib.stride_tricks.sliding_window_view(x, seg, axis=-1)[:, ::hop]  # (C, nseg, seg), no copy
             views.append(frames)
             counts.extend([frames.shape[1]] * frames.shape[0])
-        # every segment of every event, zero-padded to nfft, written once into one array for one FFT
-        segs = np.zeros((sum(counts), nfft), dtype=np.float32)
-        row = 0
-        for frames in views:
-            for channel in frames:
-                segs[row : row + len(channel), :seg] = channel
-                row += len(channel)
-        body = segs[:, :seg]
-        body -= body.mean(axis=1, keepdims=True)  # detrend="constant"
-        body *= window
         n_bins = nfft // 2 + 1
         # bins kept by any member: power, averaging and folding only for those (f_keep = 2 kHz keeps ~1/5)
         kept = n_bins
         if f_keep is not None:
             kept = max(min(n_bins, int(np.ceil(f_keep * nfft / fs[i])) + 1) for i in members)
-        spec = scipy.fft.rfft(segs, axis=1, workers=1)[:, :kept]
-        power = spec.real**2 + spec.imag**2  # (segments, kept)
+        channels = [channel for frames in views for channel in frames]  # (nseg, seg) strided views
+        power = np.empty((sum(counts), kept), dtype=np.float32)
+        # Segments go through one zero-padded buffer of about 4 MB, reused: every segment of every event is
+        # copied once, and the FFT works in cache (one array of all segments is ~100 MB for 256 events).
+        block = max(1, (4 << 20) // (4 * nfft))
+        buf = np.zeros((block, nfft), dtype=np.float32)
+        ch = first = 0  # next segment to copy: channel, and segment within it
+        for start in range(0, len(power), block):
+            n = min(block, len(power) - start)
+            filled = 0
+            while filled < n:  # fill the buffer from the channels' segment views, in order
+                take = min(counts[ch] - first, n - filled)
+                buf[filled : filled + take, :seg] = channels[ch][first : first + take]
+                filled, first = filled + take, first + take
+                if first == counts[ch]:
+                    ch, first = ch + 1, 0
+            body = buf[:n, :seg]
+            body -= body.mean(axis=1, keepdims=True)  # detrend="constant"
+            body *= window
+            spec = scipy.fft.rfft(buf[:n], axis=1, workers=1)[:, :kept]
+            power[start : start + n] = spec.real**2 + spec.imag**2
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         mean = np.add.reduceat(power, starts, axis=0) / np.asarray(counts, np.float32)[:, None]
         last = n_bins - 1 if nfft % 2 == 0 else n_bins  # the Nyquist bin of an even nfft has no mirror

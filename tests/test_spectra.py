@@ -27,6 +27,17 @@ def test_welch_equals_scipy_for_mixed_batch(dtype):
         np.testing.assert_allclose(freqs[1], 10.4)  # nfft stays 2000, also for short events
 
 
+def test_welch_equals_scipy_across_buffer_blocks_with_kept_bins():
+    # ~2,000 segments: several passes through the FFT buffer, channels split across passes; bins cut at 2 kHz
+    rng = np.random.default_rng(3)
+    events = [rng.normal(0, 1000, (2, int(rng.uniform(0.1, 0.5) * 20_800))).astype(np.int16) for _ in range(40)]
+    out = welch(events, [20_800.0] * len(events), CFG, f_keep=2000.0)
+    for (freqs, psd), x in zip(out, events, strict=True):
+        ref = scipy_welch(x, 20_800.0)[:, : len(freqs)]
+        assert len(freqs) == 194 and freqs[-1] >= 2000.0
+        np.testing.assert_allclose(psd, ref, rtol=2e-4, atol=1e-5 * ref.max())
+
+
 def test_welch_other_sample_rate_matches_scipy():
     x = np.random.default_rng(2).normal(size=(2, 4000))
     ((freqs, psd),) = welch([x], [10_000.0], CFG)
