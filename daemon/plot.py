@@ -69,8 +69,8 @@ def render(version: ModelVersion, features: np.ndarray | None, labels: np.ndarra
             0.5, 0.5, "give a data set to see reconstructions", ha="center", va="center", transform=ax_spec.transAxes
         )
     d = version.model.cfg.latent_dim
-    plane = "" if d <= 2 else f", the {d}-D latent on its two principal axes"
-    ax_c.set_title(f"latent μ by cluster ({version.clusterer.k} clusters; −1 = novel{plane})")
+    plane = "" if d <= 2 else f"\n{d}-D latent on its two principal axes"
+    ax_c.set_title(f"latent μ by cluster ({version.clusterer.k} clusters; −1 = novel){plane}")
     if hist.get("rec"):
         ep = np.arange(len(hist["rec"]))
         ax_curves.plot(ep, hist["rec"], label="L_rec (train)")
