@@ -167,19 +167,26 @@ class Store:
         return found
 
     def ingest(
-        self, events: list[NewEvent], rejects: list[tuple[str, str, str | None, int | None, bytes]], keep_raw: bool
+        self,
+        events: list[NewEvent],
+        rejects: list[tuple[str, str, str | None, int | None, bytes]],
+        keep_raw: bool,
+        outputs: list[Output] | None = None,
+        mark_published: list[int] | None = None,
     ) -> list[int]:
         """Store a batch of new events (with features) and rejected messages in one transaction; return event IDs.
 
-        Events whose (sensor, seq) is stored already are skipped (their ID is -1). Raises on disk errors, having
-        rolled back: nothing of the batch is stored, so nothing of it may be acked.
+        Events whose (sensor, seq) is stored already are skipped (their ID is -1). ``outputs`` (one per event,
+        ``event_id`` ignored) are stored with the events they belong to, and ``mark_published`` outputs are
+        marked, in the same transaction: one commit per batch when the loop is caught up. Raises on disk errors,
+        having rolled back: nothing of the batch is stored, so nothing of it may be acked.
         """
         now = time.time_ns()
         ids: list[int] = []
         added = 0
         try:
             self.db.execute("BEGIN IMMEDIATE")
-            for e in events:
+            for k, e in enumerate(events):
                 cur = self.db.execute(
                     "INSERT OR IGNORE INTO events (sensor, seq, t0_ns, fs, dtype, channels, n_samples, label, meta,"
                     " received_ns) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -207,6 +214,17 @@ class Store:
                 if keep_raw:
                     self.db.execute("INSERT INTO raw VALUES (?, ?)", (eid, e.samples))
                     added += len(e.samples)
+                if outputs is not None:
+                    o = outputs[k]
+                    self.db.execute(
+                        "INSERT INTO outputs (event_id, model_version, cluster, probability, novelty, rec_error,"
+                        " latent) VALUES (?,?,?,?,?,?,?)",
+                        (eid, o.model_version, o.cluster, o.probability, o.novelty, o.rec_error, json.dumps(o.latent)),
+                    )
+            if mark_published:
+                self.db.executemany(
+                    "UPDATE outputs SET published = 1 WHERE event_id = ?", [(i,) for i in mark_published]
+                )
             for reason, detail, sensor, seq, frames in rejects:
                 self.db.execute(
                     "INSERT INTO quarantine (received_ns, reason, detail, sensor, seq, frames) VALUES (?,?,?,?,?,?)",
