@@ -62,6 +62,7 @@ class Training:
     gate_ari_tolerance: float = 0.02  # … and lose at most this much ARI on labelled events
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 1  # torch threads of the trainer process
+    nice: int = 10  # the trainer's CPU priority below the serving loop's (0 = same; on 2 cores they share one)
     backoff_s: float = 30.0  # after a failed training, wait this long (doubling, up to 1 h) before the next
     seed: int = 0
 
@@ -108,6 +109,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "training.gate_ari_tolerance": (lambda v: 0 <= v <= 2, "must be in 0–2"),
     "training.device": (lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
     "training.threads": (lambda v: 1 <= v <= 256, "must be in 1–256"),
+    "training.nice": (lambda v: 0 <= v <= 19, "must be in 0–19"),
     "training.backoff_s": (lambda v: v >= 0, "must be ≥ 0"),
 }
 

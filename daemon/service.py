@@ -582,7 +582,14 @@ class Service:
         t = self.cfg.training
         version = self._next_version()
         epochs = {"first": t.epochs_first, "finetune": t.epochs_finetune, "full": t.epochs_full}[kind]
-        conf = {"epochs": epochs, "max_events": t.max_events, "device": t.device, "threads": t.threads, "seed": t.seed}
+        conf = {
+            "epochs": epochs,
+            "max_events": t.max_events,
+            "device": t.device,
+            "threads": t.threads,
+            "seed": t.seed,
+            "nice": t.nice,
+        }
         parent = str(self.models_dir / f"v{self.version}") if self.model else ""
         cmd = [
             sys.executable,

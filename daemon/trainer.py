@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from model.vae import VAEConfig
 
     cfg = json.loads(args.config)
+    os.nice(int(cfg.get("nice", 0)))  # serving comes first when the two share a core
     torch.set_num_threads(int(cfg.get("threads", 1)))
     device = cfg.get("device", "auto")
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
