@@ -45,6 +45,12 @@ class ReplayResult:
         }
 
 
+def _socket(kind: int) -> zmq.Socket[bytes]:
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    return sock
+
+
 def events_of(rec: Recordings, sensor: str, start_seq: int, sensor_from_file: bool) -> Iterator[Event]:
     dtype = DTYPE_NAMES.get(rec.samples.dtype.newbyteorder("=")) or DTYPE_NAMES.get(rec.samples.dtype)
     if dtype is None:
@@ -68,7 +74,6 @@ def replay(
     ack_timeout_s: float = 5.0,
     give_up_s: float = 120.0,
     on_ack: Callable[[dict[str, Any], float], None] | None = None,
-    curve: dict[str, bytes] | None = None,
 ) -> ReplayResult:
     """Send ``events``; keep at most ``window`` unacked; resend any unacked after ``ack_timeout_s``.
 
@@ -76,15 +81,7 @@ def replay(
     come for ``give_up_s`` (the rest count as unacked). ``rate`` > 0 paces sending (events per second).
     ``on_ack(body, seconds since first send)`` sees each ack.
     """
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if curve:
-        sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = (
-            curve["secret"],
-            curve["public"],
-            curve["server"],
-        )
+    sock = _socket(zmq.DEALER)
     sock.connect(endpoint)
     res = ReplayResult()
     inflight: OrderedDict[tuple[str, int], tuple[list[bytes], float, float]] = OrderedDict()
@@ -157,18 +154,9 @@ def tail(
     count: int,
     timeout_s: float,
     emit: Callable[[dict[str, Any]], None],
-    curve: dict[str, bytes] | None = None,
 ) -> int:
     """Print outputs as they come; stop after ``count`` (0 = no limit) or ``timeout_s`` without one. Returns count."""
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sock = ctx.socket(zmq.SUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    if curve:
-        sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = (
-            curve["secret"],
-            curve["public"],
-            curve["server"],
-        )
+    sock = _socket(zmq.SUB)
     sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
     sock.connect(endpoint)
     n = 0

@@ -36,7 +36,7 @@ from daemon.store import NewEvent, Output, Store
 from daemon.versions import read_version
 from model.checkpoint import CheckpointError, ModelVersion
 from model.cluster import NOVEL
-from model.predict import predict
+from model.predict import Prediction, predict
 from model.spectra import FeatureConfig, featurise_events
 
 RETRAIN_REQUEST = "retrain-request"
@@ -161,20 +161,10 @@ class Service:
             host, _, port = c.metrics.listen.rpartition(":")
             self.metrics_server = MetricsServer(self.metrics, host.strip("[]"), int(port))
             self.metrics_server.start()
-        self.log.info(
-            "listening",
-            ingest=self.router.getsockopt_string(zmq.LAST_ENDPOINT),
-            ingest_plain=self.pull.getsockopt_string(zmq.LAST_ENDPOINT) if self.pull else None,
-            publish=self.pub.getsockopt_string(zmq.LAST_ENDPOINT),
-            metrics=f"{c.metrics.listen.rpartition(':')[0]}:{self.metrics_server.port}"
-            if self.metrics_server
-            else None,
-            state=str(self.state),
-        )
         self._write_endpoints()
 
     def _write_endpoints(self) -> None:
-        """The bound addresses (ports chosen by the OS included), for ``status`` and tests."""
+        """Log the bound addresses (ports chosen by the OS included) and write them for ``status`` and tests."""
         info = {
             "pid": os.getpid(),
             "ingest": self.router.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -184,6 +174,7 @@ class Service:
             if self.metrics_server
             else "",
         }
+        self.log.info("listening", state=str(self.state), **info)
         tmp = self.state / ".endpoints.json.tmp"
         tmp.write_text(json.dumps(info))
         os.replace(tmp, self.state / "endpoints.json")
@@ -442,18 +433,18 @@ class Service:
         if any(e.features.size != n_in for e in new):
             return None  # another channel count: the backlog path gives those their output
         pred = predict(self.model, np.stack([e.features.reshape(-1) for e in new]))
-        return [
-            Output(
-                0,
-                self.version,
-                int(pred.cluster[i]),
-                float(pred.probability[i]),
-                float(pred.novelty[i]),
-                float(pred.rec_error[i]),
-                pred.latent[i].tolist(),
-            )
-            for i in range(len(new))
-        ]
+        return [self._output(0, pred, i) for i in range(len(new))]  # IDs come with the commit
+
+    def _output(self, event_id: int, pred: Prediction, i: int) -> Output:
+        return Output(
+            event_id,
+            self.version,
+            int(pred.cluster[i]),
+            float(pred.probability[i]),
+            float(pred.novelty[i]),
+            float(pred.rec_error[i]),
+            pred.latent[i].tolist(),
+        )
 
     def _ack(self, r: Received, sensor: str | None, seq: int | None, status: str, reason: str = "") -> None:
         if r.identity is None:
@@ -480,17 +471,7 @@ class Service:
             j = 0
             for i, eid in enumerate(ids):
                 if ok[i] and pred is not None:
-                    outputs.append(
-                        Output(
-                            int(eid),
-                            self.version,
-                            int(pred.cluster[j]),
-                            float(pred.probability[j]),
-                            float(pred.novelty[j]),
-                            float(pred.rec_error[j]),
-                            pred.latent[j].tolist(),
-                        )
-                    )
+                    outputs.append(self._output(int(eid), pred, j))
                     self.recent_novel.append(bool(pred.cluster[j] == NOVEL))
                     self.recent_rec.append(float(pred.rec_error[j]))
                     j += 1

@@ -12,7 +12,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,12 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 """
 
+INSERT_OUTPUT = (
+    "INSERT OR IGNORE INTO outputs (event_id, model_version, cluster, probability, novelty, rec_error, latent)"
+    " VALUES (?,?,?,?,?,?,?)"
+)
+MARK_PUBLISHED = "UPDATE outputs SET published = 1 WHERE event_id = ?"
+
 # Migrations from version N to N + 1, applied in order inside one transaction after a backup copy.
 MIGRATIONS: dict[int, str] = {}
 
@@ -102,6 +108,10 @@ class Output:
     novelty: float
     rec_error: float
     latent: list[float]
+
+
+def _output_row(o: Output, event_id: int) -> tuple[Any, ...]:
+    return (event_id, o.model_version, o.cluster, o.probability, o.novelty, o.rec_error, json.dumps(o.latent))
 
 
 class Store:
@@ -158,14 +168,6 @@ class Store:
         self.db.execute("COMMIT")
 
     # ---- ingest -------------------------------------------------------------------------------------------
-    def existing(self, keys: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
-        """Which of these (sensor, seq) pairs are stored already."""
-        found = set()
-        for sensor, seq in keys:
-            if self.db.execute("SELECT 1 FROM events WHERE sensor=? AND seq=?", (sensor, seq)).fetchone():
-                found.add((sensor, seq))
-        return found
-
     def ingest(
         self,
         events: list[NewEvent],
@@ -184,8 +186,7 @@ class Store:
         now = time.time_ns()
         ids: list[int] = []
         added = 0
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self._tx():
             for k, e in enumerate(events):
                 cur = self.db.execute(
                     "INSERT OR IGNORE INTO events (sensor, seq, t0_ns, fs, dtype, channels, n_samples, label, meta,"
@@ -215,26 +216,13 @@ class Store:
                     self.db.execute("INSERT INTO raw VALUES (?, ?)", (eid, e.samples))
                     added += len(e.samples)
                 if outputs is not None:
-                    o = outputs[k]
-                    self.db.execute(
-                        "INSERT INTO outputs (event_id, model_version, cluster, probability, novelty, rec_error,"
-                        " latent) VALUES (?,?,?,?,?,?,?)",
-                        (eid, o.model_version, o.cluster, o.probability, o.novelty, o.rec_error, json.dumps(o.latent)),
-                    )
-            if mark_published:
-                self.db.executemany(
-                    "UPDATE outputs SET published = 1 WHERE event_id = ?", [(i,) for i in mark_published]
-                )
+                    self.db.execute(INSERT_OUTPUT, _output_row(outputs[k], eid))
+            self.db.executemany(MARK_PUBLISHED, [(i,) for i in mark_published or []])
             for reason, detail, sensor, seq, frames in rejects:
                 self.db.execute(
                     "INSERT INTO quarantine (received_ns, reason, detail, sensor, seq, frames) VALUES (?,?,?,?,?,?)",
                     (now, reason, detail, sensor, seq, frames),
                 )
-            self.db.execute("COMMIT")
-        except BaseException:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise
         if self._raw_bytes is not None:
             self._raw_bytes += added
         return ids
@@ -261,33 +249,9 @@ class Store:
 
     def add_outputs(self, outputs: list[Output], mark_published: list[int] | None = None) -> None:
         """Store outputs and, in the same transaction, mark earlier ones as published."""
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany(
-                "INSERT OR IGNORE INTO outputs (event_id, model_version, cluster, probability, novelty, rec_error,"
-                " latent) VALUES (?,?,?,?,?,?,?)",
-                [
-                    (
-                        o.event_id,
-                        o.model_version,
-                        o.cluster,
-                        o.probability,
-                        o.novelty,
-                        o.rec_error,
-                        json.dumps(o.latent),
-                    )
-                    for o in outputs
-                ],
-            )
-            if mark_published:
-                self.db.executemany(
-                    "UPDATE outputs SET published = 1 WHERE event_id = ?", [(i,) for i in mark_published]
-                )
-            self.db.execute("COMMIT")
-        except BaseException:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise
+        with self._tx():
+            self.db.executemany(INSERT_OUTPUT, [_output_row(o, o.event_id) for o in outputs])
+            self.db.executemany(MARK_PUBLISHED, [(i,) for i in mark_published or []])
 
     def unpublished(self, limit: int) -> list[dict[str, Any]]:
         rows = self.db.execute(
