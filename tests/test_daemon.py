@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from harness import CONFIG, Daemon, Subscriber, cli, wait_for
 from scipy.optimize import linear_sum_assignment
 
 from daemon.clients import events_of, replay
@@ -24,89 +23,6 @@ from daemon.protocol import decode_ack
 from daemon.store import Store
 from daemon.versions import read_version
 from model.predict import predict
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = """
-[ingest]
-endpoint = "tcp://127.0.0.1:0"
-[publish]
-endpoint = "tcp://127.0.0.1:0"
-[metrics]
-listen = "127.0.0.1:0"
-[training]
-first_after = 240
-epochs_first = 60
-epochs_full = 60
-epochs_finetune = 10
-finetune_every_events = 100000
-full_every_events = 100000
-finetune_every_s = 0.0
-gate_ari_tolerance = 0.5  # short trainings on 320 events differ by seed; the gate has its own test below
-"""
-
-
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
-
-
-def wait_for(what, timeout: float, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"gave up after {timeout} s")
-
-
-class Daemon:
-    def __init__(self, state: Path, config: Path, *extra: str) -> None:
-        self.state = state
-        self.log = open(state.parent / f"{state.name}.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "run", "--config", str(config), "--state", str(state), *extra],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        info = wait_for(lambda: self._endpoints(), 60)
-        self.ingest, self.publish, self.metrics = info["ingest"], info["publish"], info["metrics"]
-
-    def _endpoints(self) -> dict[str, str] | None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.logs()[-2000:]}")
-        try:
-            info = json.loads((self.state / "endpoints.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return info if info["pid"] == self.proc.pid else None
-
-    def logs(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        return (self.state.parent / f"{self.state.name}.log").read_text()
-
-    def events(self) -> list[dict]:
-        out = []
-        for line in self.logs().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
-
-    def status(self) -> dict:
-        r = cli("status", "--state", str(self.state), "--json")
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout.splitlines()[-1])
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        self.proc.send_signal(sig)
-        code = self.proc.wait(timeout)
-        self.log.close()
-        return code
 
 
 @pytest.fixture(scope="module")
@@ -122,22 +38,6 @@ def config(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("cfg") / "wingbeat.toml"
     p.write_text(CONFIG)
     return p
-
-
-class Subscriber:
-    def __init__(self, endpoint: str) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.SUB)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"cluster.")
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self.got: list[dict] = []
-
-    def drain(self, until: int, timeout: float) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while len(self.got) < until and time.monotonic() < deadline:
-            if self.sock.poll(200):
-                self.got.append(json.loads(self.sock.recv_multipart()[1]))
-        return self.got
 
 
 @pytest.mark.slow
