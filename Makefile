@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA := ../shared/data
 
-.PHONY: demo test test-fast lint bench headtohead clean
+.PHONY: demo test test-deps test-fast lint bench headtohead clean install uninstall
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,7 +17,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/wingbeat demo
 
-test: $(STAMP)
+# What the integration tests run for real beside the daemon: Prometheus and promtool (Debian's package), and
+# systemd-analyze. Installed when missing (as root, or with sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+test-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  $(APT) prometheus || { $(SUDO) apt-get update -q && $(APT) prometheus; }
+	@command -v systemd-analyze >/dev/null || $(APT) systemd
+
+test: $(STAMP) test-deps
 	$(BIN)/ruff check model daemon tests bench
 	$(BIN)/ruff format --check model daemon tests bench
 	$(BIN)/mypy
@@ -38,3 +47,10 @@ headtohead: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out
+
+# The systemd service (docs/operations.md), as root: PREFIX, DESTDIR, TORCH_SPEC, … are read from the environment.
+install:
+	deploy/install.sh
+
+uninstall:  # make uninstall PURGE=1 also deletes the state, the config and the user
+	deploy/uninstall.sh $(if $(PURGE),--purge)

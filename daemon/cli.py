@@ -331,6 +331,12 @@ def check_config(config: Annotated[Path, typer.Argument(help="TOML config file."
     typer.echo(to_toml(_config(config, {})), nl=False)
 
 
+ClientKey = Annotated[
+    Path | None, typer.Option(help="CURVE: this client's secret certificate (NAME.key_secret from `wingbeat keys`).")
+]
+ServerKey = Annotated[Path | None, typer.Option(help="CURVE: the daemon's public certificate (NAME.key).")]
+
+
 @app.command()
 @clean_errors
 def replay(
@@ -342,6 +348,8 @@ def replay(
     window: Annotated[int, typer.Option(min=1, help="Events in flight without an ack.")] = 256,
     ack_timeout: Annotated[float, typer.Option(min=0.01, help="Seconds before an unacked event is resent.")] = 5.0,
     give_up: Annotated[float, typer.Option(min=0.1, help="Seconds without any ack before giving up.")] = 120.0,
+    client_key: ClientKey = None,
+    server_key: ServerKey = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Send a recordings file to the daemon; exit 0 only when every event is acknowledged."""
@@ -350,7 +358,9 @@ def replay(
     from daemon.datasets import read_recordings
 
     rec = read_recordings(data)
-    res = send(events_of(rec, sensor, start_seq, sensor_from_file=True), connect, rate, window, ack_timeout, give_up)
+    events = events_of(rec, sensor, start_seq, sensor_from_file=True)
+    curve = _curve(client_key, server_key)
+    res = send(events, connect, rate, window, ack_timeout, give_up, curve=curve)
     if as_json:
         emit_json(res.to_dict())
     else:
@@ -370,11 +380,39 @@ def tail(
     topic: Annotated[str, typer.Option(help="Topic prefix, e.g. cluster.lidar1")] = "cluster.",
     count: Annotated[int, typer.Option(min=0, help="Stop after this many outputs (0 = never).")] = 0,
     timeout: Annotated[float, typer.Option(min=0.01, help="Stop after this many seconds without an output.")] = 3600.0,
+    client_key: ClientKey = None,
+    server_key: ServerKey = None,
 ) -> None:
     """Print published outputs, one JSON object per line."""
     from daemon.clients import tail as follow
 
-    follow(connect, topic, count, timeout, lambda body: typer.echo(json.dumps(body)))
+    curve = _curve(client_key, server_key)
+    follow(connect, topic, count, timeout, lambda body: typer.echo(json.dumps(body)), curve=curve)
+
+
+@app.command()
+@clean_errors
+def keys(
+    out: Annotated[Path, typer.Option(help="Directory for the key pair.")],
+    name: Annotated[str, typer.Option(help="Name of the pair: NAME.key (public), NAME.key_secret (secret).")],
+) -> None:
+    """Make a CURVE key pair for the daemon (security.server_secret_key) or for a client (its NAME.key goes into
+    the daemon's security.clients_dir; the client keeps NAME.key_secret)."""
+    from daemon.security import create_keys
+
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"--name: not a file name: {name!r}")
+    public, secret = create_keys(out, name)
+    typer.echo(f"public key: {public}\nsecret key: {secret} (mode 0600; keep it on the machine that uses it)")
+
+
+def _curve(client_key: Path | None, server_key: Path | None) -> Any:
+    """CURVE keys for a client, both or neither."""
+    from daemon.clients import Curve
+
+    if (client_key is None) != (server_key is None):
+        raise ValueError("--client-key and --server-key go together (CURVE needs both)")
+    return Curve(client_key, server_key) if client_key and server_key else None
 
 
 @app.command()

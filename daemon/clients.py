@@ -7,6 +7,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import zmq
 
 from daemon.datasets import Recordings
 from daemon.protocol import Event, decode_ack, encode_ingest
+from daemon.security import secure_client
 
 DTYPE_NAMES = {np.dtype(n): n for n in ("int16", "uint16", "int32", "float32", "float64")}
 
@@ -45,9 +47,23 @@ class ReplayResult:
         }
 
 
-def _socket(kind: int) -> zmq.Socket[bytes]:
+@dataclass(frozen=True)
+class Curve:
+    """A CURVE client's keys: its own secret certificate and the daemon's public one (``wingbeat keys``)."""
+
+    client_secret: Path
+    server_public: Path
+
+
+def _socket(kind: int, curve: Curve | None) -> zmq.Socket[bytes]:
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        try:
+            secure_client(sock, curve.client_secret, curve.server_public)
+        except BaseException:
+            sock.close()
+            raise
     return sock
 
 
@@ -74,14 +90,15 @@ def replay(
     ack_timeout_s: float = 5.0,
     give_up_s: float = 120.0,
     on_ack: Callable[[dict[str, Any], float], None] | None = None,
+    curve: Curve | None = None,
 ) -> ReplayResult:
     """Send ``events``; keep at most ``window`` unacked; resend any unacked after ``ack_timeout_s``.
 
     Returns when every event is acked (or rejected: resending a rejected event cannot help), or when no ack has
     come for ``give_up_s`` (the rest count as unacked). ``rate`` > 0 paces sending (events per second).
-    ``on_ack(body, seconds since first send)`` sees each ack.
+    ``on_ack(body, seconds since first send)`` sees each ack. ``curve``: connect with these keys.
     """
-    sock = _socket(zmq.DEALER)
+    sock = _socket(zmq.DEALER, curve)
     sock.connect(endpoint)
     res = ReplayResult()
     inflight: OrderedDict[tuple[str, int], tuple[list[bytes], float, float]] = OrderedDict()
@@ -154,9 +171,10 @@ def tail(
     count: int,
     timeout_s: float,
     emit: Callable[[dict[str, Any]], None],
+    curve: Curve | None = None,
 ) -> int:
     """Print outputs as they come; stop after ``count`` (0 = no limit) or ``timeout_s`` without one. Returns count."""
-    sock = _socket(zmq.SUB)
+    sock = _socket(zmq.SUB, curve)
     sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
     sock.connect(endpoint)
     n = 0

@@ -22,6 +22,7 @@ class Ingest:
     min_samples: int = 64
     batch_max: int = 256  # micro-batch: up to this many events …
     batch_wait_ms: float = 5.0  # … or this long after the first, whichever first
+    queue_per_sender: int = 1000  # messages queued per connection before ZeroMQ stops reading it (backpressure)
     quarantine_keep: int = 100_000  # rows of quarantine kept (oldest dropped first)
     quarantine_frame_bytes: int = 65_536  # bytes of each rejected message kept
 
@@ -29,7 +30,9 @@ class Ingest:
 @dataclass(frozen=True)
 class Publish:
     endpoint: str = "tcp://127.0.0.1:5556"
-    hwm: int = 100_000  # per-subscriber queue; beyond it messages are dropped (and counted), ingest never blocks
+    hwm: int = 10_000  # outputs queued per subscriber in ZeroMQ; a subscriber this far behind holds publishing …
+    queue_max: int = 100_000  # … and outputs wait in the daemon, up to this many; beyond, the oldest are dropped
+    heartbeat_s: float = 5.0  # ping subscribers; one silent for 3 × this is disconnected (0 = off)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,13 @@ class Training:
 
 
 @dataclass(frozen=True)
+class Security:
+    curve: bool = False  # ZeroMQ CURVE (encryption + client keys) on both ingest endpoints and publish
+    server_secret_key: str = ""  # the daemon's secret certificate (NAME.key_secret, from `wingbeat keys`)
+    clients_dir: str = ""  # public certificates (*.key) of the senders and subscribers allowed to connect
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: str = "wingbeat-state"
     model: str = ""  # a model version directory to start from ("" = the newest good one in the state, or none)
@@ -76,6 +86,7 @@ class Config:
     metrics: Metrics = field(default_factory=Metrics)
     store: Store = field(default_factory=Store)
     training: Training = field(default_factory=Training)
+    security: Security = field(default_factory=Security)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,6 +101,9 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "ingest.quarantine_keep": (lambda v: v >= 1, "must be at least 1"),
     "ingest.quarantine_frame_bytes": (lambda v: v >= 0, "must be ≥ 0"),
     "publish.hwm": (lambda v: v >= 1, "must be at least 1"),
+    "publish.queue_max": (lambda v: v >= 1, "must be at least 1"),
+    "publish.heartbeat_s": (lambda v: 0 <= v <= 3600, "must be in 0–3600"),
+    "ingest.queue_per_sender": (lambda v: 1 <= v <= 1_000_000, "must be in 1–1000000"),
     "metrics.max_sensors": (lambda v: v >= 1, "must be at least 1"),
     "store.raw_max_age_days": (lambda v: v >= 0, "must be ≥ 0"),
     "store.raw_max_bytes": (lambda v: v >= 0, "must be ≥ 0"),
@@ -161,6 +175,10 @@ def validate(cfg: Config) -> Config:
         host, _, port = cfg.metrics.listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ConfigError(f"metrics.listen: must be HOST:PORT, got {cfg.metrics.listen!r}")
+    if cfg.security.curve:
+        for key in ("server_secret_key", "clients_dir"):
+            if not getattr(cfg.security, key):
+                raise ConfigError(f"security.{key}: must be set when security.curve is true")
     if not cfg.state_dir:
         raise ConfigError("state_dir: must not be empty")
     return cfg

@@ -18,9 +18,12 @@ from prometheus_client import (
     generate_latest,
 )
 
+from daemon.protocol import REASONS
+
 disable_created_metrics()  # no *_created series: they double the exposition and no panel uses them
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# up to minutes: events stored before a first model (or during a long backlog) wait that long for their output
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 class Metrics:
@@ -44,10 +47,21 @@ class Metrics:
         self.gaps = Counter(
             "wingbeat_sequence_gaps_total", "Sequence numbers skipped by senders.", ["sensor"], registry=r
         )
+        self.refused = Counter(
+            "wingbeat_connections_refused_total",
+            "Connections refused at the CURVE handshake (key not allowed, plaintext client), by socket and reason.",
+            ["socket", "reason"],
+            registry=r,
+        )
         self.acks = Counter("wingbeat_acks_sent_total", "Acknowledgements sent, by status.", ["status"], registry=r)
         self.published = Counter("wingbeat_outputs_published_total", "Outputs published.", registry=r)
         self.publish_dropped = Counter(
-            "wingbeat_publish_dropped_total", "Outputs a subscriber could not take (high-water mark).", registry=r
+            "wingbeat_publish_dropped_total",
+            "Outputs never published: the publish queue was full because a subscriber fell behind.",
+            registry=r,
+        )
+        self.publish_queue = Gauge(
+            "wingbeat_publish_queue_outputs", "Outputs waiting in the daemon for a slow subscriber.", registry=r
         )
         self.novel = Counter("wingbeat_events_novel_total", "Events assigned no cluster (novel).", registry=r)
         self.per_cluster = Counter(
@@ -72,10 +86,22 @@ class Metrics:
             registry=r,
         )
         self.backlog = Gauge("wingbeat_backlog_events", "Stored events waiting for an output.", registry=r)
-        self.store_bytes = Gauge("wingbeat_store_bytes", "Size of the store's database file.", registry=r)
+        self.store_bytes = Gauge(
+            "wingbeat_store_bytes", "Bytes of the store's database file and its write-ahead log.", registry=r
+        )
         self.raw_bytes = Gauge("wingbeat_store_raw_bytes", "Bytes of raw samples kept.", registry=r)
         self.disk_free = Gauge(
             "wingbeat_disk_free_bytes", "Free bytes on the state directory's filesystem.", registry=r
+        )
+        self.disk_size = Gauge("wingbeat_disk_size_bytes", "Size of the state directory's filesystem.", registry=r)
+        # the store's limits from the config, so alerts compare against them instead of a copied number
+        self.raw_limit = Gauge(
+            "wingbeat_store_raw_limit_bytes", "store.raw_max_bytes: raw samples are pruned above this.", registry=r
+        )
+        self.min_free = Gauge(
+            "wingbeat_store_min_free_bytes",
+            "store.min_free_bytes: with less free space on the disk, raw samples are not kept.",
+            registry=r,
         )
         self.raw_paused = Gauge(
             "wingbeat_raw_paused", "1 while raw samples are not kept (disk low or full).", registry=r
@@ -121,6 +147,22 @@ class Metrics:
         )
         self.up_since = Gauge("wingbeat_start_time_seconds", "When the daemon started.", registry=r)
         self.up_since.set(time.time())
+        # Known label values exist from the start at 0: rate() and increase() then see the first increment, and an
+        # alert has a series to compare before anything went wrong.
+        for reason in REASONS:
+            if reason != "duplicate":  # duplicates are acked as such and counted apart, never rejected
+                self.rejected.labels(reason)
+        for endpoint in ("ack", "plain"):
+            self.received.labels(endpoint)
+        for status in ("stored", "duplicate", "rejected"):
+            self.acks.labels(status)
+        for kind in ("first", "finetune", "full"):
+            for outcome in ("accepted", "rejected", "failed"):
+                self.train_runs.labels(kind, outcome)
+        for why in ("gate", "unreadable"):
+            self.models_rejected.labels(why)
+        for op in ("ingest", "outputs", "retention"):
+            self.store_errors.labels(op)
 
     def sensor(self, name: str) -> str:
         """The label for a sensor: itself for the first ``max_sensors`` seen, "other" after that."""
@@ -128,7 +170,9 @@ class Metrics:
             return name
         if len(self._sensors) < self.max_sensors:
             self._sensors.add(name)
+            self.gaps.labels(name)  # at 0 from the sensor's first event: increase() then counts its first gap
             return name
+        self.gaps.labels("other")
         return "other"
 
 

@@ -30,8 +30,10 @@ import zmq
 
 from daemon import logs
 from daemon.config import Config
+from daemon.faults import crash_point
 from daemon.metrics import Metrics, MetricsServer
 from daemon.protocol import Event, Limits, Reject, decode_ingest, encode_ack, encode_output
+from daemon.security import Guard, RateLimited
 from daemon.store import NewEvent, Output, Store
 from daemon.versions import read_version
 from model.checkpoint import CheckpointError, ModelVersion
@@ -58,6 +60,18 @@ def sd_notify(message: str) -> None:
             s.sendall(message.encode())
     except OSError:
         pass
+
+
+def watchdog_interval(env: dict[str, str] | os._Environ[str], pid: int, default_s: float = 2.0) -> float:
+    """Seconds between ``WATCHDOG=1``: half of systemd's ``WATCHDOG_USEC`` when it is meant for this process
+    (``WATCHDOG_PID`` unset or ``pid``), else ``default_s``."""
+    try:
+        usec = int(env.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return default_s
+    if usec <= 0 or env.get("WATCHDOG_PID", str(pid)) != str(pid):
+        return default_s
+    return usec / 2e6
 
 
 @dataclass
@@ -104,6 +118,11 @@ class Service:
         self.models_dir = self.state / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.state)
+        if self.store.migrated:
+            old, backup = self.store.migrated
+            self.log.warning(
+                "store_migrated", from_schema=old, to_schema=self.store.schema_version(), backup=str(backup)
+            )
         self.metrics = Metrics(cfg.metrics.max_sensors)
         self.features = FeatureConfig()
         self.limits = Limits(
@@ -126,35 +145,58 @@ class Service:
         }
         self.received_at: dict[tuple[str, int], float] = {}
         self.to_mark: list[int] = []
+        self.outq: deque[dict[str, Any]] = deque()  # outputs to publish, oldest first
+        self.queued_id = 0  # the newest event ID ever put in outq
+        self.dropped_log = RateLimited(10.0)
         self.keep_raw = True
         self.stop = False
         self.reload = False
         self.retrain = False
         self.events_window: deque[tuple[float, int]] = deque(maxlen=64)
         self.last_housekeeping = 0.0
+        self.watchdog_every = watchdog_interval(os.environ, os.getpid())  # seconds between WATCHDOG=1
+        self.last_watchdog = 0.0
         self.ctx = zmq.Context()
         self.sockets: list[zmq.Socket[bytes]] = []
+        self.guard: Guard | None = None
+        self.refused_log = RateLimited(10.0)
         self.metrics_server: MetricsServer | None = None
 
     # ---- start-up -----------------------------------------------------------------------------------------
     def bind(self) -> None:
         c = self.cfg
+        if c.security.curve:  # before any socket: a bad key is a start-up error, said in one line
+            self.guard = Guard(self.ctx, c.security.server_secret_key, c.security.clients_dir, self._refused)
+            self.guard.start()
         self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.MAXMSGSIZE, c.ingest.max_message_bytes)
-        self.router.setsockopt(zmq.RCVHWM, 10_000)
+        # ZeroMQ's own cap is a wall above the configured one: messages between the two reach the decoder and are
+        # rejected and counted as "oversize"; beyond the wall ZeroMQ drops the connection before reading them
+        wall = 2 * c.ingest.max_message_bytes + 65_536
+        self.router.setsockopt(zmq.MAXMSGSIZE, wall)
+        self.router.setsockopt(zmq.RCVHWM, c.ingest.queue_per_sender)
         self.router.setsockopt(zmq.LINGER, 0)
+        self._secure(self.router, "ingest")
         self.router.bind(c.ingest.endpoint)
         self.sockets.append(self.router)
         self.pull: zmq.Socket[bytes] | None = None
         if c.ingest.plain_endpoint:
             self.pull = self.ctx.socket(zmq.PULL)
-            self.pull.setsockopt(zmq.MAXMSGSIZE, c.ingest.max_message_bytes)
+            self.pull.setsockopt(zmq.MAXMSGSIZE, wall)
+            self.pull.setsockopt(zmq.RCVHWM, c.ingest.queue_per_sender)
             self.pull.setsockopt(zmq.LINGER, 0)
+            self._secure(self.pull, "ingest_plain")
             self.pull.bind(c.ingest.plain_endpoint)
             self.sockets.append(self.pull)
-        self.pub = self.ctx.socket(zmq.PUB)
+        # XPUB that never drops silently: a send fails while any subscriber's queue is full, and the output waits in
+        # self.outq (bounded; what overflows is counted); heartbeats cut subscribers that stopped answering
+        self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.SNDHWM, c.publish.hwm)
+        self.pub.setsockopt(zmq.XPUB_NODROP, 1)
         self.pub.setsockopt(zmq.LINGER, 2000)
+        if c.publish.heartbeat_s > 0:
+            self.pub.setsockopt(zmq.HEARTBEAT_IVL, int(c.publish.heartbeat_s * 1000))
+            self.pub.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(3 * c.publish.heartbeat_s * 1000))
+        self._secure(self.pub, "publish")
         self.pub.bind(c.publish.endpoint)
         self.sockets.append(self.pub)
         if c.metrics.listen:
@@ -162,6 +204,28 @@ class Service:
             self.metrics_server = MetricsServer(self.metrics, host.strip("[]"), int(port))
             self.metrics_server.start()
         self._write_endpoints()
+
+    def _secure(self, sock: zmq.Socket[bytes], name: str) -> None:
+        if self.guard is not None:
+            self.guard.secure(sock, name)
+            return
+        endpoint = {"ingest": self.cfg.ingest.endpoint, "ingest_plain": self.cfg.ingest.plain_endpoint}.get(
+            name, self.cfg.publish.endpoint
+        )
+        if not _loopback(endpoint):
+            self.log.warning(
+                "insecure_endpoint",
+                socket=name,
+                endpoint=endpoint,
+                detail="reachable beyond this host without CURVE: anyone who can connect can send or read; "
+                "see docs/security.md",
+            )
+
+    def _refused(self, name: str, reason: str, n: int) -> None:
+        self.metrics.refused.labels(name, reason).inc(n)
+        due = self.refused_log.due((name, reason), n)
+        if due:
+            self.log.warning("connection_refused", socket=name, reason=reason, count=due)
 
     def _write_endpoints(self) -> None:
         """Log the bound addresses (ports chosen by the OS included) and write them for ``status`` and tests."""
@@ -181,6 +245,9 @@ class Service:
 
     def load_initial_model(self) -> None:
         """``--model`` if given (imported as the next version), else the newest version in the state that loads."""
+        for left in self.models_dir.glob(".v*"):  # half-written by a process killed before its rename
+            shutil.rmtree(left, ignore_errors=True)
+            self.log.warning("removed_partial_model", path=str(left))
         if self.cfg.model:
             version = read_version(self.cfg.model)  # a bad --model is a start-up error, said in one line
             n = self._next_version()
@@ -211,11 +278,14 @@ class Service:
 
     def _swap(self, version: ModelVersion, n: int, why: str, extra: dict[str, Any]) -> None:
         self.model, self.version = version, n
+        crash_point("swap")  # the new version is on disk and in memory, not yet recorded as serving
         gm = version.manifest.get("gate_metrics", {})
         self.store.record_model(n, "serving", version.manifest.get("kind", why), {**gm, **extra})
         self.metrics.model_version.set(n)
         self.metrics.model_age.set(time.time())
         self.metrics.clusters.set(version.clusterer.k)
+        for cid in [NOVEL, *version.clusterer.ids.tolist()]:  # at 0 before their first output: rate() counts it
+            self.metrics.per_cluster.labels(str(cid))
         self.metrics.beta.set(float(version.manifest.get("beta_schedule", {}).get("beta", 0.0)))
         self.recent_novel.clear()
         self.recent_rec.clear()
@@ -235,8 +305,13 @@ class Service:
         self.load_initial_model()
         self.last_training_events = self.n_events if self.model else 0
         self._republish()
-        sd_notify("READY=1\nSTATUS=" + self._status_line())
-        self.log.info("ready", model_version=self.version or None, events=self.n_events)
+        sd_notify("READY=1\nSTATUS=" + self._status_line())  # sockets bound, model (if any) loaded
+        self.log.info(
+            "ready",
+            model_version=self.version or None,
+            events=self.n_events,
+            watchdog_s=self.watchdog_every if os.environ.get("NOTIFY_SOCKET") else None,
+        )
         poller = zmq.Poller()
         for s in (self.router, self.pull):
             if s is not None:
@@ -352,10 +427,12 @@ class Service:
         ]
         cap = self.cfg.ingest.quarantine_frame_bytes
         quarantine = [
-            (j.reason, j.detail, j.sensor, j.seq, b"\x00".join(f[:cap] for f in r.frames)[:cap]) for r, j in rejects
+            (j.reason, j.detail, j.sensor, j.seq, b"\x00".join(f[:cap] for f in r.frames)[:cap], r.endpoint)
+            for r, j in rejects
         ]
         inline = self._predict_inline(new)
         marking = self.to_mark if inline is not None else None
+        crash_point("before_commit")
         try:
             ids = self.store.ingest(new, quarantine, self.keep_raw, inline, marking)
         except sqlite3.OperationalError as err:
@@ -373,6 +450,7 @@ class Service:
                 self.log.error("store_failed", error=str(err), events=len(new), detail="not acked; senders resend")
                 time.sleep(0.2)
                 return
+        crash_point("after_commit")  # committed, nothing acked or published yet
         if marking is not None:
             self.to_mark = []
         now = time.monotonic()
@@ -484,35 +562,70 @@ class Service:
                 self.log.error("store_failed", error=str(e), detail="outputs retried next loop")
                 return
             self.to_mark = []
-            self._publish(self.store.unpublished(len(outputs) + 512))
+            self._publish(self.store.unpublished(len(outputs) + 512, after_id=self.queued_id))
             if time.monotonic() > deadline:
                 break
         self.metrics.backlog.set(self.store.max_event_id() - self.store.last_output_id())
 
     def _republish(self) -> None:
         """Outputs stored but maybe not published before a crash: publish again (subscribers de-duplicate)."""
-        while rows := self.store.unpublished(1024):
+        while rows := self.store.unpublished(1024, after_id=self.queued_id):
             self._publish(rows)
+        if self.to_mark:
             self.store.mark_published(self.to_mark)
             self.to_mark = []
 
     def _publish(self, rows: list[dict[str, Any]]) -> None:
-        now = time.monotonic()
+        """Queue outputs for subscribers and send what they can take now."""
         for row in rows:
-            try:
-                self.pub.send_multipart(encode_output(row), zmq.NOBLOCK)
-                self.metrics.published.inc()
-            except zmq.Again:
-                self.metrics.publish_dropped.inc()
-            t = self.received_at.pop((row["sensor"], row["seq"]), None)
-            if t is not None:
-                self.metrics.latency.observe(now - t)
             if row["cluster"] == NOVEL:
                 self.metrics.novel.inc()
             self.metrics.per_cluster.labels(str(row["cluster"])).inc()
-            self.to_mark.append(row["event_id"])
+            self.outq.append(row)
+            self.queued_id = max(self.queued_id, row["event_id"])
+        self._flush()
+        over = len(self.outq) - self.cfg.publish.queue_max
+        if over > 0:  # a subscriber has been full for long: give up the oldest, say so, never block ingest
+            for _ in range(over):
+                row = self.outq.popleft()
+                self.to_mark.append(row["event_id"])  # dealt with: it stays in the store (wingbeat export)
+                self.received_at.pop((row["sensor"], row["seq"]), None)
+            self.metrics.publish_dropped.inc(over)
+            due = self.dropped_log.due(("publish",), over)
+            if due:
+                self.log.warning(
+                    "publish_dropped",
+                    outputs=due,
+                    detail=f"a subscriber is more than publish.hwm + publish.queue_max "
+                    f"({self.cfg.publish.hwm} + {self.cfg.publish.queue_max}) outputs behind",
+                )
+        self.metrics.publish_queue.set(len(self.outq))
         if len(self.received_at) > 200_000:  # events from before a restart never come by; do not grow forever
             self.received_at.clear()
+
+    def _flush(self) -> None:
+        """Send queued outputs, oldest first, until none is left or a subscriber's queue is full. Only what was
+        sent is marked published: after a crash the rest is published again."""
+        now = time.monotonic()
+        half = len(self.outq) // 2
+        sent = 0
+        while self.outq:
+            row = self.outq[0]
+            try:
+                self.pub.send_multipart(encode_output(row), zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.outq.popleft()
+            sent += 1
+            if sent == half:
+                crash_point("mid_publish")  # some outputs published, none of them marked
+            self.metrics.published.inc()
+            self.to_mark.append(row["event_id"])
+            t = self.received_at.pop((row["sensor"], row["seq"]), None)
+            if t is not None:
+                self.metrics.latency.observe(now - t)
+        if sent:
+            self.metrics.publish_queue.set(len(self.outq))
 
     # ---- training -----------------------------------------------------------------------------------------
     def _trainer_step(self) -> None:
@@ -693,7 +806,16 @@ class Service:
             retry_in_s=backoff,
             failures=self.failures,
         )
-        shutil.rmtree(self.models_dir / f"v{run.version}", ignore_errors=True)
+        self._discard(run.version)
+        try:  # the number is used up: versions are never reused, and `status` lists the failure
+            self.store.record_model(run.version, "failed", run.kind, {}, why[:500])
+        except sqlite3.OperationalError as e:
+            self.log.error("store_failed", error=str(e), detail="training failure not recorded")
+
+    def _discard(self, n: int) -> None:
+        """Remove what a training for version ``n`` left: the version, or its half-written temporary directory."""
+        for p in [self.models_dir / f"v{n}", *self.models_dir.glob(f".v{n}.*")]:
+            shutil.rmtree(p, ignore_errors=True)
 
     def _consider(self, run: TrainerRun, done: dict[str, Any], seconds: float) -> None:
         path = self.models_dir / f"v{run.version}"
@@ -730,23 +852,44 @@ class Service:
         except subprocess.TimeoutExpired:
             run.proc.kill()
             run.proc.wait(timeout_s)
-        shutil.rmtree(self.models_dir / f"v{run.version}", ignore_errors=True)
+        self._discard(run.version)
         self.metrics.training.set(0)
         self.log.info("training_stopped", model_version=run.version, kind=run.kind)
 
     # ---- housekeeping, reload, shutdown -------------------------------------------------------------------
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        self.metrics.loop_heartbeat.set(time.time())
+        # Progress: the loop came round and its last store transaction committed, or failed only because the disk
+        # is full (that degrades, DESIGN §7: a restart would free nothing). A loop blocked on the store never gets
+        # here; one whose commits fail otherwise (write lock held past the busy timeout, I/O errors) gets here but
+        # is not serving: /healthz (the heartbeat) and systemd's watchdog both stop hearing from it.
+        if not self.store.write_error or self.store.write_error_name == "SQLITE_FULL":
+            self.metrics.loop_heartbeat.set(time.time())
+            if now - self.last_watchdog >= self.watchdog_every:
+                self.last_watchdog = now
+                sd_notify("WATCHDOG=1")
+        if self.guard is not None:
+            self.guard.drain()
+        if self.outq:
+            self._flush()
+        while True:  # subscriptions arrive on the XPUB; read them so they never pile up
+            try:
+                self.pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
         if now - self.last_housekeeping < 2.0:
             return
         self.last_housekeeping = now
         s = self.cfg.store
         try:
-            free = shutil.disk_usage(self.state).free
+            usage = shutil.disk_usage(self.state)
+            free = usage.free
+            self.metrics.disk_size.set(usage.total)
         except OSError:
             free = 0
         self.metrics.disk_free.set(free)
+        self.metrics.raw_limit.set(s.raw_max_bytes)  # here, not at start: a SIGHUP may change them
+        self.metrics.min_free.set(s.min_free_bytes)
         want_raw = free >= s.min_free_bytes
         if want_raw != self.keep_raw:
             self.keep_raw = want_raw
@@ -765,8 +908,7 @@ class Service:
         self.metrics.store_bytes.set(self.store.file_bytes())
         self.metrics.raw_bytes.set(self.store.raw_bytes())
         self.metrics.quarantine.set(self.store.quarantine_count())
-        status = self._status_line()
-        sd_notify(f"WATCHDOG=1\nSTATUS={status}")
+        sd_notify(f"STATUS={self._status_line()}")
         self._write_status()
 
     def _next_training(self) -> str:
@@ -816,18 +958,20 @@ class Service:
     def _status_line(self) -> str:
         model = f"model v{self.version}, {self.model.clusterer.k} clusters" if self.model else "no model yet"
         training = f", training v{self.trainer.version} ({self.trainer.kind})" if self.trainer else ""
-        return f"{self.events_per_s():.0f} events/s, {model}{training}"
+        failing = f"store failing ({self.store.write_error}), " if self.store.write_error else ""
+        return f"{failing}{self.events_per_s():.0f} events/s, {model}{training}"
 
     def _reload(self) -> None:
         from daemon.config import ConfigError, load
 
         self.reload = False
-        sd_notify("RELOADING=1")
+        # MONOTONIC_USEC: systemd ≥ 253 matches it against the reload it asked for (ignored before)
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
             new = load(self.config_path, self._overrides) if self.config_path else self.cfg
         except ConfigError as e:
             self.log.error("reload_failed", error=str(e), detail="keeping the running configuration")
-            sd_notify("READY=1")
+            sd_notify(f"READY=1\nSTATUS=reload failed, running configuration kept: {e}")
             return
         old_d, new_d = _flatten(self.cfg.to_dict()), _flatten(new.to_dict())
         changed = sorted(k for k in new_d if new_d[k] != old_d.get(k))
@@ -839,10 +983,15 @@ class Service:
 
         self.cfg = _build(Config, merged, "")
         self.log.info("reloaded", applied=applied, needs_restart=restart)
-        sd_notify("READY=1")
+        if self.guard is not None:
+            try:
+                self.log.info("client_keys_reloaded", allowed=self.guard.reload_clients())
+            except ValueError as e:
+                self.log.error("client_keys_reload_failed", error=str(e), detail="keeping the keys loaded before")
+        sd_notify(f"READY=1\nSTATUS={self._status_line()}")
 
     def _shutdown(self) -> None:
-        sd_notify("STOPPING=1")
+        sd_notify("STOPPING=1\nSTATUS=stopping: draining the batch in flight, stopping the trainer")
         self.log.info("stopping", detail="draining")
         try:
             for s in (self.router, self.pull):
@@ -859,9 +1008,19 @@ class Service:
             if self.metrics_server:
                 self.metrics_server.stop()
             self.pub.close(linger=2000)
+            if self.guard is not None:
+                self.guard.stop()
             self.ctx.term()
             self.store.close()
             self.log.info("stopped")
+
+
+def _loopback(endpoint: str) -> bool:
+    """Whether a ZeroMQ endpoint is reachable from this host only (ipc/inproc, or tcp on a loopback address)."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

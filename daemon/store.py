@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "wingbeat.sqlite"
 
 SCHEMA = """
@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS quarantine (
     detail TEXT NOT NULL,
     sensor TEXT,
     seq INTEGER,
-    frames BLOB NOT NULL
+    frames BLOB NOT NULL,
+    endpoint TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -76,8 +77,12 @@ INSERT_OUTPUT = (
 )
 MARK_PUBLISHED = "UPDATE outputs SET published = 1 WHERE event_id = ?"
 
-# Migrations from version N to N + 1, applied in order inside one transaction after a backup copy.
-MIGRATIONS: dict[int, str] = {}
+# Migrations from version N to N + 1: statements applied in order, all versions in one transaction, after a
+# backup copy of the database (``wingbeat.sqlite.vN.bak``). Statements, not a script: ``executescript`` commits.
+MIGRATIONS: dict[int, list[str]] = {
+    # 2: quarantine rows say which endpoint the message came on ("ack" = ROUTER, "plain" = PULL; '' before)
+    1: ["ALTER TABLE quarantine ADD COLUMN endpoint TEXT NOT NULL DEFAULT ''"],
+}
 
 
 class StoreError(RuntimeError):
@@ -118,6 +123,7 @@ class Store:
     def __init__(self, state_dir: Path, *, readonly: bool = False, timeout_s: float = 30.0) -> None:
         self.path = Path(state_dir) / DB_NAME
         self.readonly = readonly
+        self.migrated: tuple[int, Path] | None = None  # (old schema version, backup) when opening migrated it
         if readonly:
             if not self.path.exists():
                 raise StoreError(f"no store at {self.path}")
@@ -130,6 +136,10 @@ class Store:
             self._migrate()
         self.db.execute("PRAGMA foreign_keys=OFF")
         self._raw_bytes: int | None = None
+        # Why the last write transaction failed ("" = it committed) and SQLite's name for it (SQLITE_BUSY,
+        # SQLITE_FULL, …): the serving loop's watchdog reads them.
+        self.write_error = ""
+        self.write_error_name = ""
 
     # ---- schema -------------------------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -146,11 +156,19 @@ class Store:
             raise StoreError(f"{self.path} has schema version {version}; this Wingbeat knows up to {SCHEMA_VERSION}")
         if version < SCHEMA_VERSION:
             backup = self.path.with_name(f"{self.path.name}.v{version}.bak")
+            if backup.exists():  # from an earlier attempt: keep it, and this copy too
+                backup = backup.with_name(f"{backup.name}.{time.time_ns()}")
             self.db.execute("VACUUM INTO ?", (str(backup),))
+            self.migrated = (version, backup)
             self.db.execute("BEGIN IMMEDIATE")
-            for v in range(version, SCHEMA_VERSION):
-                self.db.executescript(MIGRATIONS[v])  # executescript would commit; migrations avoid COMMIT
-            self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            try:
+                for v in range(version, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[v]:
+                        self.db.execute(statement)
+                self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
             self.db.execute("COMMIT")
 
     def schema_version(self) -> int:
@@ -158,20 +176,25 @@ class Store:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:
-        self.db.execute("BEGIN IMMEDIATE")
         try:
-            yield
-        except BaseException:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
+            self.db.execute("BEGIN IMMEDIATE")  # waits up to the busy timeout for another writer
+            try:
+                yield
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            self.write_error, self.write_error_name = str(e), getattr(e, "sqlite_errorname", "") or "SQLITE_ERROR"
             raise
-        self.db.execute("COMMIT")
+        self.write_error = self.write_error_name = ""
 
     # ---- ingest -------------------------------------------------------------------------------------------
     def ingest(
         self,
         events: list[NewEvent],
-        rejects: list[tuple[str, str, str | None, int | None, bytes]],
+        rejects: list[tuple[str, str, str | None, int | None, bytes, str]],
         keep_raw: bool,
         outputs: list[Output] | None = None,
         mark_published: list[int] | None = None,
@@ -218,11 +241,11 @@ class Store:
                 if outputs is not None:
                     self.db.execute(INSERT_OUTPUT, _output_row(outputs[k], eid))
             self.db.executemany(MARK_PUBLISHED, [(i,) for i in mark_published or []])
-            for reason, detail, sensor, seq, frames in rejects:
-                self.db.execute(
-                    "INSERT INTO quarantine (received_ns, reason, detail, sensor, seq, frames) VALUES (?,?,?,?,?,?)",
-                    (now, reason, detail, sensor, seq, frames),
-                )
+            self.db.executemany(
+                "INSERT INTO quarantine (received_ns, reason, detail, sensor, seq, frames, endpoint)"
+                " VALUES (?,?,?,?,?,?,?)",
+                [(now, *r) for r in rejects],
+            )
         if self._raw_bytes is not None:
             self._raw_bytes += added
         return ids
@@ -253,12 +276,13 @@ class Store:
             self.db.executemany(INSERT_OUTPUT, [_output_row(o, o.event_id) for o in outputs])
             self.db.executemany(MARK_PUBLISHED, [(i,) for i in mark_published or []])
 
-    def unpublished(self, limit: int) -> list[dict[str, Any]]:
+    def unpublished(self, limit: int, after_id: int = 0) -> list[dict[str, Any]]:
+        """Outputs not yet marked published, oldest first, with event IDs above ``after_id``."""
         rows = self.db.execute(
             "SELECT o.event_id, e.sensor, e.seq, e.t0_ns, o.latent, o.cluster, o.probability, o.novelty,"
             " o.model_version FROM outputs o JOIN events e ON e.id = o.event_id WHERE o.published = 0"
-            " ORDER BY o.event_id LIMIT ?",
-            (limit,),
+            " AND o.event_id > ? ORDER BY o.event_id LIMIT ?",
+            (after_id, limit),
         ).fetchall()
         return [
             {

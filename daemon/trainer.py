@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from daemon.faults import crash_point
+
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -96,6 +98,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.monotonic()
 
         def on_epoch(s: Any) -> None:
+            if s.epoch == 3:
+                crash_point("trainer_epoch")
             say(
                 "epoch",
                 epoch=s.epoch,

@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+from daemon.faults import crash_point
 from model.checkpoint import FILES, CheckpointError, ModelVersion, unpack
 
 
@@ -30,11 +31,13 @@ def write_version(path: Path | str, files: dict[str, bytes], replace: bool = Fal
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        for name, data in files.items():
+        for k, (name, data) in enumerate(files.items()):
             with open(tmp / name, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            if k == 0:
+                crash_point("trainer_write")  # one file of the version written, the rest not
         _fsync_dir(tmp)
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"

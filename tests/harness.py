@@ -4,6 +4,7 @@ a subscriber, and waits that always end."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -49,7 +50,8 @@ def wait_for(what, timeout: float, every: float = 0.2):
 
 
 class Daemon:
-    def __init__(self, state: Path, config: Path, *extra: str) -> None:
+    def __init__(self, state: Path, config: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        """``env``: variables added to this process's environment for the daemon (NOTIFY_SOCKET, …)."""
         self.state = state
         self.log = open(state.parent / f"{state.name}.log", "w")
         self.proc = subprocess.Popen(
@@ -57,9 +59,11 @@ class Daemon:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            env={**os.environ, **env} if env else None,
         )
         info = wait_for(lambda: self._endpoints(), 60)
         self.ingest, self.publish, self.metrics = info["ingest"], info["publish"], info["metrics"]
+        self.ingest_plain = info["ingest_plain"]
 
     def _endpoints(self) -> dict[str, str] | None:
         if self.proc.poll() is not None:

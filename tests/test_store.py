@@ -1,9 +1,11 @@
+import shutil
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from daemon.store import SCHEMA_VERSION, NewEvent, Output, Store, StoreError
+from daemon.store import DB_NAME, SCHEMA_VERSION, NewEvent, Output, Store, StoreError
 
 
 def ev(seq: int, sensor: str = "s1", label: str = "") -> NewEvent:
@@ -25,7 +27,7 @@ def ev(seq: int, sensor: str = "s1", label: str = "") -> NewEvent:
 
 def test_round_trip_and_dedup(tmp_path):
     st = Store(tmp_path)
-    ids = st.ingest([ev(0), ev(1)], [("json", "bad", None, None, b"xx")], keep_raw=True)
+    ids = st.ingest([ev(0), ev(1)], [("json", "bad", None, None, b"xx", "ack")], keep_raw=True)
     assert ids == [1, 2]
     assert st.ingest([ev(1), ev(2)], [], keep_raw=True) == [-1, 3]  # (s1, 1) is stored already
     pid, x, ok = st.pending(10, 8)
@@ -96,3 +98,41 @@ def test_schema_version_and_refusal_of_newer(tmp_path):
 def test_readonly_needs_a_store(tmp_path):
     with pytest.raises(StoreError, match="no store"):
         Store(tmp_path / "nothing", readonly=True)
+
+
+V1 = Path(__file__).parent / "data" / "store-v1.sqlite"  # written by the schema-1 store: 30 events, 20 outputs
+
+
+def test_a_schema_1_store_migrates_with_a_backup_and_loses_nothing(tmp_path):
+    shutil.copy(V1, tmp_path / DB_NAME)
+    st = Store(tmp_path)
+    assert st.schema_version() == SCHEMA_VERSION == 2
+    assert st.migrated is not None and st.migrated[0] == 1
+    backup = st.migrated[1]
+    assert backup.read_bytes()[:16] == b"SQLite format 3\0"
+    old = sqlite3.connect(f"file:{backup}?mode=ro", uri=True)
+    assert old.execute("SELECT value FROM meta").fetchone() == ("1",)
+    s = st.summary()
+    assert s["events"] == 30 and s["outputs"] == 20 and s["quarantine"] == {"json": 1, "length": 1}
+    assert [r["event_id"] for r in st.unpublished(100)] == [16, 17, 18, 19, 20]
+    assert st.integrity_ok()
+    q = st.db.execute("SELECT reason, endpoint FROM quarantine ORDER BY id").fetchall()
+    assert q == [("json", ""), ("length", "")]  # rows from before the column say so
+    # and the migrated store takes new input as usual, in the new shape
+    assert st.ingest([ev(100)], [("json", "bad", None, None, b"x", "plain")], keep_raw=True) == [31]
+    assert st.db.execute("SELECT endpoint FROM quarantine ORDER BY id DESC").fetchone() == ("plain",)
+    st.close()
+    assert Store(tmp_path).migrated is None  # once
+
+
+def test_a_failed_migration_leaves_the_old_store_as_it_was(tmp_path, monkeypatch):
+    import daemon.store as store
+
+    shutil.copy(V1, tmp_path / DB_NAME)
+    monkeypatch.setitem(store.MIGRATIONS, 1, [*store.MIGRATIONS[1], "ALTER TABLE nothing ADD COLUMN x"])
+    with pytest.raises(sqlite3.OperationalError, match="nothing"):
+        Store(tmp_path)
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    assert db.execute("SELECT value FROM meta").fetchone() == ("1",)
+    assert "endpoint" not in [r[1] for r in db.execute("PRAGMA table_info(quarantine)")]
+    assert db.execute("SELECT count(*) FROM events").fetchone() == (30,)

@@ -1,0 +1,168 @@
+"""ZeroMQ CURVE for ingest and publish: the daemon's key pair, the directory of allowed client keys (``zmq.auth``),
+and a count of the connections refused.
+
+Certificates are the text files of ``zmq.auth.create_certificates``: ``NAME.key`` holds a public key,
+``NAME.key_secret`` the public and the secret key. The daemon needs its own secret certificate and a directory of
+client public certificates; a client needs its own secret certificate and the daemon's public one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
+
+
+class KeyFileError(ValueError):
+    """A missing or unreadable certificate, said in one line."""
+
+
+def create_keys(directory: Path, name: str) -> tuple[Path, Path]:
+    """Write ``NAME.key`` and ``NAME.key_secret`` (mode 0600) in ``directory``; refuse to overwrite a key pair."""
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    for p in (public, secret):
+        if p.exists():
+            raise KeyFileError(f"{p}: exists; not overwriting a key (remove it first to make a new pair)")
+    pub, sec = zmq.auth.create_certificates(str(directory), name)
+    Path(sec).chmod(0o600)
+    return Path(pub), Path(sec)
+
+
+def load_secret(path: str | Path) -> tuple[bytes, bytes]:
+    """(public, secret) from a secret certificate."""
+    public, secret = _load(path)
+    if secret is None:
+        raise KeyFileError(f"{path}: holds no secret key (a NAME.key_secret file is needed here, not NAME.key)")
+    return public, secret
+
+
+def load_public(path: str | Path) -> bytes:
+    return _load(path)[0]
+
+
+def _load(path: str | Path) -> tuple[bytes, bytes | None]:
+    p = Path(path)
+    if not p.is_file():
+        raise KeyFileError(f"{p}: no such key file")
+    try:
+        public, secret = zmq.auth.load_certificate(str(p))
+    except (ValueError, OSError) as e:
+        raise KeyFileError(f"{p}: not a ZeroMQ certificate ({e})") from None
+    if public is None or len(public) != 40:
+        raise KeyFileError(f"{p}: not a ZeroMQ certificate (no 40-character public-key)")
+    return public, secret
+
+
+def client_keys(directory: str | Path) -> int:
+    """How many public certificates ``directory`` holds (the daemon refuses to start with none)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise KeyFileError(f"{d}: no such directory of client keys")
+    return sum(1 for _ in d.glob("*.key"))
+
+
+def secure_client(sock: zmq.Socket[bytes], client_secret: str | Path, server_public: str | Path) -> None:
+    """Make ``sock`` a CURVE client of the daemon whose public certificate is ``server_public``."""
+    public, secret = load_secret(client_secret)
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.curve_serverkey = load_public(server_public)
+
+
+HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+# key_not_allowed: a CURVE client whose key is not in the allowed directory (the authenticator said no).
+# handshake: anything else that fails before a message is read: a plaintext client, a client with the wrong server
+# key, a malformed greeting. (ZeroMQ reports these as protocol errors or without detail, depending on timing.)
+REASONS = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "key_not_allowed",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake",
+}
+
+
+@dataclass
+class Guard:
+    """Server side: the ZAP authenticator and one monitor per secured socket, drained by the serving loop."""
+
+    ctx: zmq.Context[zmq.Socket[bytes]]
+    server_secret: str
+    clients_dir: str
+    on_refused: Callable[[str, str, int], None]  # (socket name, reason, count since last drain)
+    monitors: list[tuple[str, zmq.Socket[bytes]]] = field(default_factory=list)
+    auth: ThreadAuthenticator | None = None
+
+    def start(self) -> None:
+        self.public, self.secret = load_secret(self.server_secret)
+        if client_keys(self.clients_dir) == 0:
+            raise KeyFileError(f"{self.clients_dir}: holds no client public keys (*.key): no one could connect")
+        self.auth = ThreadAuthenticator(self.ctx, log=_quiet())
+        self.auth.start()
+        self.reload_clients()
+
+    def reload_clients(self) -> int:
+        """Read the allowed client keys again (SIGHUP); returns how many there are."""
+        assert self.auth is not None
+        n = client_keys(self.clients_dir)  # raises before anything changes if the directory is gone
+        self.auth.configure_curve(domain="*", location=self.clients_dir)
+        return n
+
+    def secure(self, sock: zmq.Socket[bytes], name: str) -> None:
+        """Before ``bind``: CURVE server on ``sock``, with a monitor counting refused handshakes."""
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_server = True
+        self.monitors.append((name, sock.get_monitor_socket(HANDSHAKE_EVENTS)))
+
+    def drain(self) -> None:
+        """Count the handshakes refused since the last call (never blocks)."""
+        for name, mon in self.monitors:
+            counts: dict[str, int] = {}
+            while mon.poll(0):
+                event = recv_monitor_message(mon)
+                reason = REASONS.get(zmq.Event(event["event"]), "handshake")
+                counts[reason] = counts.get(reason, 0) + 1
+            for reason, n in counts.items():
+                self.on_refused(name, reason, n)
+
+    def stop(self) -> None:
+        for _, mon in self.monitors:
+            mon.close(linger=0)
+        self.monitors.clear()
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+
+
+def _quiet() -> logging.Logger:
+    """The authenticator logs every refusal at debug level; the daemon counts and logs them itself."""
+    log = logging.getLogger("wingbeat.zap")
+    log.setLevel(logging.WARNING)
+    return log
+
+
+class RateLimited:
+    """Log a recurring event at most once per ``every_s`` per key, with the count in between."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self.last: dict[tuple[str, ...], float] = {}
+        self.pending: dict[tuple[str, ...], int] = {}
+
+    def due(self, key: tuple[str, ...], n: int) -> int:
+        """Add ``n``; returns the count to log now, or 0 to stay quiet."""
+        self.pending[key] = self.pending.get(key, 0) + n
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) < self.every_s:
+            return 0
+        self.last[key] = now
+        return self.pending.pop(key)

@@ -1,0 +1,487 @@
+"""Fault injection with real processes: the daemon and its trainer killed with SIGKILL at chosen and at random
+points, corrupt model versions, a full disk, a slow subscriber, a flood, a store from an older release. Each test
+counts what was sent, stored, duplicated and lost, and how long recovery took; ``make faults`` prints the table.
+
+Crash points are the daemon's own (daemon/faults.py, switched on by the environment): the process kills itself
+with SIGKILL at an exact place in its code, as a power cut or the OOM killer would, and is started again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from harness import Daemon, cli, wait_for
+
+from daemon.clients import ReplayResult, events_of, replay
+from daemon.datasets import read_recordings
+from daemon.store import DB_NAME, Store
+
+pytestmark = pytest.mark.faults
+DATA = Path(__file__).parent / "data"
+TABLE = Path(os.environ.get("WINGBEAT_FAULTS_TABLE", "")) if os.environ.get("WINGBEAT_FAULTS_TABLE") else None
+
+
+def record(fault: str, how: str, sent: int, stored: int, duplicates: int, lost: int, recover_s: float) -> None:
+    """One row of the closing table (``make faults`` collects them into a file)."""
+    row = {"fault": fault, "how": how, "sent": sent, "stored": stored, "duplicates": duplicates, "lost": lost}
+    row["recover_s"] = round(recover_s, 2)
+    print("FAULT", json.dumps(row))
+    if TABLE is not None:
+        with open(TABLE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def config(path: Path, training: str = "", extra: str = "") -> Path:
+    """Fixed loopback ports, so a restarted daemon is where its senders and subscribers reconnect."""
+    ingest, publish, metrics = free_ports(3)
+    path.write_text(
+        f"""
+[ingest]
+endpoint = "tcp://127.0.0.1:{ingest}"
+[publish]
+endpoint = "tcp://127.0.0.1:{publish}"
+[metrics]
+listen = "127.0.0.1:{metrics}"
+[training]
+first_after = 100000
+backoff_s = 1.0
+gate_ari_tolerance = 2.0
+{training}
+{extra}
+"""
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "sim.npz"
+    r = cli("simulate", "--out", str(out), "--events", "400", "--species", "3", "--seed", "2")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, sim) -> Path:
+    out = tmp_path_factory.mktemp("model") / "m"
+    r = cli("train", str(sim), "--out", str(out), "--epochs", "20", timeout=300)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def crash_env(tmp_path: Path, point: str) -> dict[str, str]:
+    return {"WINGBEAT_CRASH_AT": point, "WINGBEAT_CRASH_MARKER": str(tmp_path / f"crashed-{point}")}
+
+
+def check_store(state: Path, n: int, sensor: str) -> dict[str, int]:
+    """Every (sensor, seq) stored exactly once with exactly one output; the database intact (opened read-only)."""
+    db = sqlite3.connect(f"file:{state / DB_NAME}?mode=ro", uri=True, timeout=30)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        seqs = [s for (s,) in db.execute("SELECT seq FROM events WHERE sensor = ? ORDER BY seq", (sensor,))]
+        outputs = db.execute(
+            "SELECT count(*), count(DISTINCT o.event_id) FROM outputs o JOIN events e ON e.id = o.event_id"
+            " WHERE e.sensor = ?",
+            (sensor,),
+        ).fetchone()
+    finally:
+        db.close()
+    assert seqs == list(range(n)), f"stored {len(seqs)} of {n}"  # each once, none missing
+    assert outputs == (n, n)
+    return {"stored": len(seqs), "outputs": outputs[0]}
+
+
+def in_background(fn, *args, **kwargs):
+    pool = ThreadPoolExecutor(1)
+    fut = pool.submit(fn, *args, **kwargs)
+    pool.shutdown(wait=False)
+    return fut
+
+
+class Listener:
+    """A subscriber that never stops reading, in its own thread: ZeroMQ re-subscribes after a reconnect (the daemon
+    restarted) only when the application calls into the socket, so a subscriber that waits without reading
+    would miss what a restarted daemon publishes first."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.got: list[dict] = []
+        self.stop = threading.Event()
+        ready = threading.Event()
+
+        def run() -> None:
+            sock = zmq.Context.instance().socket(zmq.SUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SUBSCRIBE, b"cluster.")
+            sock.connect(endpoint)
+            ready.set()
+            try:
+                while not self.stop.is_set():
+                    if sock.poll(50):
+                        self.got.append(json.loads(sock.recv_multipart()[-1]))
+            finally:
+                sock.close()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(5)
+        time.sleep(0.3)  # the subscription reaches the publisher
+
+    def seen(self, sensor: str, n: int, timeout: float) -> set[int]:
+        """The sequence numbers seen (at least once) for ``sensor``, waiting up to ``timeout`` for ``n`` of them."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len({g["seq"] for g in list(self.got) if g["sensor"] == sensor}) >= n:
+                break
+            time.sleep(0.1)
+        return {g["seq"] for g in list(self.got) if g["sensor"] == sensor}
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+# ---- 1 and 7: the daemon killed at exact points and at random ---------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["before_commit", "after_commit", "mid_publish"])
+def test_daemon_killed_at_a_point_loses_nothing(tmp_path, sim, model, point):
+    rec = read_recordings(sim)
+    n = len(rec)
+    cfg = config(tmp_path / "c.toml")
+    env = crash_env(tmp_path, point)
+    d = Daemon(tmp_path / "state", cfg, "--model", str(model), env=env)
+    sub = Listener(d.publish)
+    sending = in_background(
+        replay, events_of(rec, "s", 0, False), d.ingest, rate=400, window=32, ack_timeout_s=1.0, give_up_s=90
+    )
+    wait_for(lambda: d.proc.poll() is not None, timeout=60, every=0.05)
+    crashed = time.monotonic()
+    assert d.proc.returncode == -signal.SIGKILL and (tmp_path / f"crashed-{point}").exists()
+    d.log.close()
+    d2 = Daemon(tmp_path / "state", cfg, env=env)  # same environment: the marker makes the crash once
+    ready = time.monotonic() - crashed
+    res: ReplayResult = sending.result(timeout=120)
+    assert (res.acked, res.unacked, res.rejected) == (n, 0, {})
+    got = sub.seen("s", n, timeout=60)
+    sub.close()
+    recovered = time.monotonic() - crashed
+    try:
+        assert got == set(range(n))  # subscribers see every event at least once
+        counts = check_store(d2.state, n, "s")
+    finally:
+        assert d2.stop() == 0
+    assert any(e.get("event") == "ready" for e in d2.events())
+    record(f"daemon SIGKILL {point}", "crash point", res.sent, counts["stored"], res.duplicates, 0, recovered)
+    print(f"{point}: restart ready after {ready:.2f} s, replay resent {res.resent}")
+
+
+@pytest.mark.slow
+def test_daemon_killed_at_random_then_power_loss_checks(tmp_path, sim, model):
+    """Three SIGKILLs at random moments of a stream; after each, the WAL database opens read-only and is intact."""
+    rng = random.Random(7)
+    rec = read_recordings(sim)
+    n = len(rec)
+    cfg = config(tmp_path / "c.toml")
+    state = tmp_path / "state"
+    d = Daemon(state, cfg, "--model", str(model))
+    sub = Listener(d.publish)
+    sending = in_background(
+        replay, events_of(rec, "r", 0, False), d.ingest, rate=150, window=32, ack_timeout_s=1.0, give_up_s=120
+    )
+    downtime = 0.0
+    for _ in range(3):
+        time.sleep(rng.uniform(0.3, 0.9))
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(10)
+        d.log.close()
+        t = time.monotonic()
+        assert (state / "wingbeat.sqlite-wal").exists()  # killed in WAL mode, as after a power cut
+        ro = sqlite3.connect(f"file:{state / DB_NAME}?mode=ro", uri=True, timeout=30)
+        assert ro.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert ro.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        ro.close()
+        d = Daemon(state, cfg)
+        downtime += time.monotonic() - t
+    res = sending.result(timeout=180)
+    assert (res.acked, res.unacked) == (n, 0)
+    try:
+        assert sub.seen("r", n, timeout=60) == set(range(n))
+        sub.close()
+        counts = check_store(state, n, "r")
+    finally:
+        assert d.stop() == 0
+    record(
+        "daemon SIGKILL ×3 at random", "kill -9 from outside", res.sent, counts["stored"], res.duplicates, 0, downtime
+    )
+
+
+@pytest.mark.slow
+def test_daemon_killed_during_a_model_swap(tmp_path, sim):
+    rec = read_recordings(sim)
+    n = len(rec)
+    cfg = config(tmp_path / "c.toml", "first_after = 150\nepochs_first = 8\n")
+    env = crash_env(tmp_path, "swap")
+    state = tmp_path / "state"
+    d = Daemon(state, cfg, env=env)
+    sub = Listener(d.publish)
+    sending = in_background(
+        replay, events_of(rec, "w", 0, False), d.ingest, rate=100, window=32, ack_timeout_s=1.0, give_up_s=120
+    )
+    wait_for(lambda: d.proc.poll() is not None, timeout=120, every=0.1)  # the first model's swap
+    crashed = time.monotonic()
+    assert d.proc.returncode == -signal.SIGKILL
+    d.log.close()
+    half = [p.name for p in (state / "models").iterdir()]
+    d = Daemon(state, cfg, env=env)
+    res = sending.result(timeout=180)
+    assert (res.acked, res.unacked) == (n, 0)
+    try:
+        # the version that was being swapped in was never recorded as serving: a new training serves instead
+        assert sub.seen("w", n, timeout=180) == set(range(n))
+        sub.close()
+        recovered = time.monotonic() - crashed
+        counts = check_store(state, n, "w")
+        st = d.status()
+        assert st["serving"] is not None and st["serving"] >= 2, (half, st)
+    finally:
+        assert d.stop() == 0
+    record(
+        "daemon SIGKILL during a model swap", "crash point", res.sent, counts["stored"], res.duplicates, 0, recovered
+    )
+
+
+# ---- 2: the trainer killed mid-epoch and mid-write ----------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["trainer_epoch", "trainer_write"])
+def test_trainer_killed_serving_goes_on_and_the_next_training_succeeds(tmp_path, sim, point):
+    rec = read_recordings(sim)
+    n = len(rec)
+    cfg = config(tmp_path / "c.toml", "first_after = 150\nepochs_first = 8\n")
+    state = tmp_path / "state"
+    d = Daemon(state, cfg, env=crash_env(tmp_path, point))
+    try:
+        res = replay(events_of(rec, "t", 0, False), d.ingest, rate=200, window=32, give_up_s=60)
+        assert (res.acked, res.unacked) == (n, 0)  # serving (acking) went on while the trainer died
+        failed = wait_for(lambda: [e for e in d.events() if e.get("event") == "training_failed"], timeout=120)
+        t = time.monotonic()
+        assert "signal 9" in failed[0]["error"]
+        done = wait_for(lambda: [e for e in d.events() if e.get("event") == "model_serving"], timeout=180)
+        recovered = time.monotonic() - t
+        assert done[0]["model_version"] == failed[0]["model_version"] + 1
+        wait_for(lambda: d.status()["outputs"] == n, timeout=60)
+        # no half-written version anywhere a loader looks: only complete vN directories, each of which loads
+        names = sorted(p.name for p in (state / "models").iterdir())
+        assert names == [f"v{done[0]['model_version']}"], names
+        body = urllib.request.urlopen(f"http://{d.metrics}/metrics", timeout=10).read().decode()
+        assert 'wingbeat_training_runs_total{kind="first",outcome="failed"} 1.0' in body
+        counts = check_store(state, n, "t")
+    finally:
+        assert d.stop() == 0
+    record(f"trainer SIGKILL {point}", "crash point", res.sent, counts["stored"], res.duplicates, 0, recovered)
+
+
+# ---- 3: corrupt model versions ------------------------------------------------------------------------------------
+def corrupt(version: Path, how: str) -> None:
+    w = version / "weights.safetensors"
+    if how == "truncated":
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    elif how == "bit-flipped":
+        data = bytearray(w.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        w.write_bytes(bytes(data))
+    elif how == "manifest missing":
+        (version / "manifest.json").unlink()
+    elif how == "NaN weights":  # well-formed, checksums re-signed: only the values are wrong
+        import hashlib
+
+        from safetensors.numpy import load, save
+
+        tensors = load(w.read_bytes())
+        name = sorted(tensors)[0]
+        tensors[name] = np.full_like(tensors[name], np.nan)
+        w.write_bytes(save(tensors))
+        manifest = json.loads((version / "manifest.json").read_text())
+        manifest["files"]["weights.safetensors"] = hashlib.sha256(w.read_bytes()).hexdigest()
+        (version / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow
+def test_corrupt_versions_are_refused_and_the_last_good_one_serves(tmp_path, sim, model):
+    rec = read_recordings(sim)
+    cfg = config(tmp_path / "c.toml")
+    state = tmp_path / "state"
+    for _ in range(2):  # v1, then v2: both imported models, v2 serving
+        d = Daemon(state, cfg, "--model", str(model))
+        assert d.stop() == 0
+    pristine = tmp_path / "v2"
+    shutil.copytree(state / "models" / "v2", pristine)
+    for how in ["truncated", "bit-flipped", "manifest missing", "NaN weights"]:
+        shutil.rmtree(state / "models" / "v2")
+        shutil.copytree(pristine, state / "models" / "v2")
+        corrupt(state / "models" / "v2", how)
+        t = time.monotonic()
+        d = Daemon(state, cfg)
+        try:
+            refused = wait_for(lambda d=d: [e for e in d.events() if e.get("event") == "model_unreadable"], timeout=30)
+            assert refused[0]["model_version"] == 2, how
+            serving = wait_for(lambda d=d: [e for e in d.events() if e.get("event") == "model_serving"], timeout=30)
+            assert serving[-1]["model_version"] == 1, how
+            recovered = time.monotonic() - t  # start to serving the last good version
+            body = urllib.request.urlopen(f"http://{d.metrics}/metrics", timeout=10).read().decode()
+            assert (
+                'wingbeat_models_rejected_total{reason="unreadable"} 1.0' in body
+                and "wingbeat_model_version 1.0" in body
+            )
+            seq0 = {"truncated": 0, "bit-flipped": 10, "manifest missing": 20, "NaN weights": 30}[how]
+            res = replay(islice(events_of(rec, "c", 0, False), seq0, seq0 + 10), d.ingest, window=16, give_up_s=30)
+            assert res.acked == 10
+            wait_for(lambda d=d, n=seq0 + 10: d.status()["outputs"] >= n, timeout=30)
+        finally:
+            assert d.stop() == 0
+        print(f"{how}: refused in one line: {refused[0]['error']}")
+        record(f"model version {how}", "file edited on disk", 10, 10, 0, 0, recovered)
+    # every version corrupt: serving starts in the no-model state, and still stores what comes
+    corrupt(state / "models" / "v1", "truncated")
+    d = Daemon(state, cfg)
+    try:
+        wait_for(lambda: [e for e in d.events() if e.get("event") == "ready"], timeout=30)
+        names = [e.get("event") for e in d.events()]
+        assert "no_model" in names and "model_serving" not in names
+        res = replay(islice(events_of(rec, "c", 0, False), 40, 50), d.ingest, window=16, give_up_s=30)
+        assert res.acked == 10 and d.status()["events"] == 50
+    finally:
+        assert d.stop() == 0
+
+
+# ---- 8: a store written by the previous release -------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_schema_1_store_is_migrated_on_start_with_a_backup(tmp_path, sim, model):
+    state = tmp_path / "state"
+    state.mkdir()
+    shutil.copy(DATA / "store-v1.sqlite", state / DB_NAME)
+    cfg = config(tmp_path / "c.toml")
+    t = time.monotonic()
+    d = Daemon(state, cfg, "--model", str(model))
+    try:
+        recovered = time.monotonic() - t  # start (with the migration) to ready
+        migrated = [e for e in d.events() if e.get("event") == "store_migrated"]
+        assert migrated and migrated[0]["from_schema"] == 1 and migrated[0]["to_schema"] == 2
+        assert Path(migrated[0]["backup"]).exists()
+        res = replay(islice(events_of(read_recordings(sim), "new", 0, False), 20), d.ingest, window=16, give_up_s=30)
+        assert res.acked == 20
+        st = d.status()
+        assert st["events"] == 50 and st["per_sensor"] == {"trap-1": 15, "trap-2": 15, "new": 20}
+    finally:
+        assert d.stop() == 0
+    store = Store(state, readonly=True)
+    assert store.integrity_ok() and store.schema_version() == 2
+    store.close()
+    record("store from schema 1", "old database file", 20, 20, 0, 0, recovered)
+
+
+# ---- 4: a full disk -----------------------------------------------------------------------------------------------
+def metric(endpoint: str, name: str) -> float:
+    body = urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10).read().decode()
+    total = None
+    for line in body.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+    return -1.0 if total is None else total
+
+
+def fill(path: Path, leave: int) -> None:
+    """Write ``path`` until the filesystem has ``leave`` bytes free (0: until it is full)."""
+    try:
+        with open(path, "ab") as f:
+            while shutil.disk_usage(path.parent).free > leave + 256 * 1024:
+                f.write(b"\0" * 256 * 1024)
+                f.flush()
+            while leave == 0:
+                f.write(b"\0" * 4096)
+                f.flush()
+    except OSError:  # no space left: full, as asked
+        pass
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mounting a 24 MiB filesystem needs root: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_degrades_then_recovers_by_itself(tmp_path, small_disk, sim, model):
+    rec = read_recordings(sim)
+    n = len(rec)
+    cfg = config(tmp_path / "c.toml", extra=f"[store]\nmin_free_bytes = {4 * 1024**2}\n")
+    state = small_disk / "state"
+    d = Daemon(state, cfg, "--model", str(model))
+    try:
+        fill(small_disk / "filler-1", leave=8 * 1024**2)  # room for about 160 events with their raw samples
+        sending = in_background(
+            replay, events_of(rec, "d", 0, False), d.ingest, rate=40, window=16, ack_timeout_s=1.0, give_up_s=120
+        )
+        # below min_free_bytes: raw samples are no longer kept, events still are
+        wait_for(lambda: metric(d.metrics, "wingbeat_raw_paused") == 1, timeout=60)
+        low = time.monotonic()
+        fill(small_disk / "filler-2", leave=0)  # now nothing fits: commits fail, nothing more is acked
+        wait_for(lambda: metric(d.metrics, "wingbeat_store_errors_total") > 0, timeout=60)
+        stored_full = metric(d.metrics, "wingbeat_events_stored_total")
+        time.sleep(3)
+        assert metric(d.metrics, "wingbeat_events_stored_total") == stored_full  # acks stop with the commits
+        assert d.proc.poll() is None and metric(d.metrics, "wingbeat_disk_free_bytes") < 1024**2
+        assert urllib.request.urlopen(f"http://{d.metrics}/healthz", timeout=10).status == 200  # degraded, alive
+        for f in small_disk.glob("filler-*"):
+            f.unlink()
+        freed = time.monotonic()
+        res = sending.result(timeout=180)
+        resumed = time.monotonic() - freed
+        assert (res.acked, res.unacked, res.rejected) == (n, 0, {})
+        wait_for(lambda: metric(d.metrics, "wingbeat_raw_paused") == 0, timeout=30)  # raw kept again
+        wait_for(lambda: d.status()["outputs"] == n, timeout=60)
+        events = [e.get("event") for e in d.events()]
+        assert "raw_samples" in events and "store_failed" in events
+    finally:
+        assert d.stop() == 0
+    counts = check_store(state, n, "d")  # read-only integrity check included
+    db = sqlite3.connect(f"file:{state / DB_NAME}?mode=ro", uri=True)
+    raw = db.execute("SELECT count(*) FROM raw").fetchone()[0]
+    db.close()
+    assert 0 < raw < n  # raw samples were given up first, for the events that came while space was short
+    print(
+        f"full disk: {raw} of {n} events kept raw samples; full for {freed - low:.1f} s;"
+        f" all acked {resumed:.1f} s later"
+    )
+    record("full disk (24 MiB tmpfs)", "filled by the test", res.sent, counts["stored"], res.duplicates, 0, resumed)
