@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA := ../shared/data
 
-.PHONY: demo test test-deps test-fast lint bench headtohead clean install uninstall
+.PHONY: demo test test-deps faults test-fast lint bench headtohead clean install uninstall
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: $(STAMP) test-deps
 	$(BIN)/ruff format --check model daemon tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+# The fault-injection suite alone (it also runs in `make test`), then its table: fault, sent, stored, lost, recovery.
+faults: $(STAMP) test-deps
+	mkdir -p out && rm -f out/faults.jsonl
+	WINGBEAT_FAULTS_TABLE=$(CURDIR)/out/faults.jsonl $(BIN)/pytest -q -m faults
+	$(BIN)/python tests/faults_table.py out/faults.jsonl
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"

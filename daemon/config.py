@@ -33,6 +33,7 @@ class Publish:
     hwm: int = 10_000  # outputs queued per subscriber in ZeroMQ; a subscriber this far behind holds publishing …
     queue_max: int = 100_000  # … and outputs wait in the daemon, up to this many; beyond, the oldest are dropped
     heartbeat_s: float = 5.0  # ping subscribers; one silent for 3 × this is disconnected (0 = off)
+    start_grace_s: float = 1.0  # after start, publish nothing this long: subscribers of before a restart reconnect
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "publish.hwm": (lambda v: v >= 1, "must be at least 1"),
     "publish.queue_max": (lambda v: v >= 1, "must be at least 1"),
     "publish.heartbeat_s": (lambda v: 0 <= v <= 3600, "must be in 0–3600"),
+    "publish.start_grace_s": (lambda v: 0 <= v <= 600, "must be in 0–600"),
     "ingest.queue_per_sender": (lambda v: 1 <= v <= 1_000_000, "must be in 1–1000000"),
     "metrics.max_sensors": (lambda v: v >= 1, "must be at least 1"),
     "store.raw_max_age_days": (lambda v: v >= 0, "must be ≥ 0"),

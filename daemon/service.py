@@ -147,6 +147,7 @@ class Service:
         self.to_mark: list[int] = []
         self.outq: deque[dict[str, Any]] = deque()  # outputs to publish, oldest first
         self.queued_id = 0  # the newest event ID ever put in outq
+        self.publish_from = 0.0  # monotonic time from which outputs go out (set at bind)
         self.dropped_log = RateLimited(10.0)
         self.keep_raw = True
         self.stop = False
@@ -198,6 +199,9 @@ class Service:
             self.pub.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(3 * c.publish.heartbeat_s * 1000))
         self._secure(self.pub, "publish")
         self.pub.bind(c.publish.endpoint)
+        # subscribers of the process before a restart reconnect within ZeroMQ's reconnect interval (0.1 s by
+        # default): publishing at once would give them nothing of what is republished first
+        self.publish_from = time.monotonic() + c.publish.start_grace_s
         self.sockets.append(self.pub)
         if c.metrics.listen:
             host, _, port = c.metrics.listen.rpartition(":")
@@ -607,6 +611,8 @@ class Service:
         """Send queued outputs, oldest first, until none is left or a subscriber's queue is full. Only what was
         sent is marked published: after a crash the rest is published again."""
         now = time.monotonic()
+        if now < self.publish_from:
+            return
         half = len(self.outq) // 2
         sent = 0
         while self.outq:
@@ -1002,6 +1008,7 @@ class Service:
                 while time.monotonic() < deadline and self.store.max_event_id() > self.store.last_output_id():
                     self._serve_pending(budget_s=1.0)
             self._stop_trainer()
+            self._flush()  # what subscribers can take now; the rest is published again at the next start
             if self.to_mark:
                 self.store.mark_published(self.to_mark)
         finally:

@@ -66,13 +66,15 @@ class Daemon:
         self.ingest_plain = info["ingest_plain"]
 
     def _endpoints(self) -> dict[str, str] | None:
+        try:  # first: a daemon may bind and then die at once (a crash test), and its endpoints are still news
+            info = json.loads((self.state / "endpoints.json").read_text())
+            if info["pid"] == self.proc.pid:
+                return info
+        except (OSError, ValueError):
+            pass
         if self.proc.poll() is not None:
             raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.logs()[-2000:]}")
-        try:
-            info = json.loads((self.state / "endpoints.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return info if info["pid"] == self.proc.pid else None
+        return None
 
     def logs(self) -> str:
         if not self.log.closed:

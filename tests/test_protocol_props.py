@@ -7,6 +7,7 @@ import json
 import tomllib
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +25,7 @@ from daemon.protocol import (
     encode_output,
 )
 
+pytestmark = pytest.mark.faults  # hostile input: part of `make faults`
 LIMITS = Limits(max_channels=4, min_samples=8, max_samples=4096, max_message_bytes=1 << 16)
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
