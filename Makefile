@@ -30,12 +30,12 @@ test: $(STAMP) test-deps
 	$(BIN)/ruff check model daemon tests bench
 	$(BIN)/ruff format --check model daemon tests bench
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile  # two workers, one file each: daemons mostly wait on each other
 
 # The fault-injection suite alone (it also runs in `make test`), then its table: fault, sent, stored, lost, recovery.
 faults: $(STAMP) test-deps
 	mkdir -p out && rm -f out/faults.jsonl
-	WINGBEAT_FAULTS_TABLE=$(CURDIR)/out/faults.jsonl $(BIN)/pytest -q -m faults
+	WINGBEAT_FAULTS_TABLE=$(CURDIR)/out/faults.jsonl $(BIN)/pytest -q -m faults -n 2
 	$(BIN)/python tests/faults_table.py out/faults.jsonl
 
 test-fast: $(STAMP)

@@ -39,6 +39,14 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     )
 
 
+def simulate(tmp_path_factory, events: int, species: int, seed: int) -> Path:
+    """A recordings file from `wingbeat simulate`, for a module's tests."""
+    out = tmp_path_factory.mktemp("data") / "sim.npz"
+    r = cli("simulate", "--out", str(out), "--events", str(events), "--species", str(species), "--seed", str(seed))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 def wait_for(what, timeout: float, every: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from harness import CONFIG, Daemon, Subscriber, cli, wait_for
+from harness import CONFIG, Daemon, Subscriber, cli, simulate, wait_for
 from scipy.optimize import linear_sum_assignment
 
 from daemon.clients import events_of, replay
@@ -27,10 +27,7 @@ from model.predict import predict
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "sim.npz"
-    r = cli("simulate", "--out", str(out), "--events", "320", "--species", "3", "--seed", "1")
-    assert r.returncode == 0, r.stderr
-    return out
+    return simulate(tmp_path_factory, 320, 3, 1)
 
 
 @pytest.fixture(scope="module")

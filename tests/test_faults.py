@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from harness import ROOT, Daemon, cli, wait_for
+from harness import ROOT, Daemon, cli, simulate, wait_for
 
 from daemon.clients import ReplayResult, events_of, replay
 from daemon.datasets import read_recordings
@@ -87,10 +87,7 @@ gate_ari_tolerance = 2.0
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "sim.npz"
-    r = cli("simulate", "--out", str(out), "--events", "400", "--species", "3", "--seed", "2")
-    assert r.returncode == 0, r.stderr
-    return out
+    return simulate(tmp_path_factory, 400, 3, 2)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +170,20 @@ class Listener:
         self.thread.join(5)
 
 
+def settle(d: Daemon, sub: Listener, sending, sensor: str, n: int) -> tuple[ReplayResult, dict[str, int]]:
+    """The end of a crash test: the sender acked in full, the subscriber saw every event at least once, the store
+    holds each event once with one output; the daemon stops cleanly."""
+    res: ReplayResult = sending.result(timeout=180)
+    assert (res.acked, res.unacked, res.rejected) == (n, 0, {})
+    try:
+        assert sub.seen(sensor, n, timeout=180) == set(range(n))
+        sub.close()
+        counts = check_store(d.state, n, sensor)
+    finally:
+        assert d.stop() == 0
+    return res, counts
+
+
 # ---- 1 and 7: the daemon killed at exact points and at random ---------------------------------------------------
 @pytest.mark.slow
 def test_daemon_killed_at_each_point_loses_nothing(tmp_path, sim, model):
@@ -198,14 +209,7 @@ def test_daemon_killed_at_each_point_loses_nothing(tmp_path, sim, model):
         d.log.close()
         d = Daemon(state, cfg, env=env)
         recover[point] = time.monotonic() - crashed  # killed → listening again
-    res: ReplayResult = sending.result(timeout=120)
-    assert (res.acked, res.unacked, res.rejected) == (n, 0, {})
-    try:
-        assert sub.seen("s", n, timeout=60) == set(range(n))  # subscribers see every event at least once
-        sub.close()
-        counts = check_store(state, n, "s")
-    finally:
-        assert d.stop() == 0
+    res, counts = settle(d, sub, sending, "s", n)
     for point in points:
         record(f"daemon SIGKILL {point}", "crash point", res.sent, counts["stored"], res.duplicates, 0, recover[point])
     print(f"crash points: restarts {recover}; replay resent {res.resent}, acked as duplicates {res.duplicates}")
@@ -238,14 +242,7 @@ def test_daemon_killed_at_random_then_power_loss_checks(tmp_path, sim, model):
         ro.close()
         d = Daemon(state, cfg)
         downtime += time.monotonic() - t
-    res = sending.result(timeout=180)
-    assert (res.acked, res.unacked) == (n, 0)
-    try:
-        assert sub.seen("r", n, timeout=60) == set(range(n))
-        sub.close()
-        counts = check_store(state, n, "r")
-    finally:
-        assert d.stop() == 0
+    res, counts = settle(d, sub, sending, "r", n)
     record(
         "daemon SIGKILL ×3 at random", "kill -9 from outside", res.sent, counts["stored"], res.duplicates, 0, downtime
     )
@@ -267,20 +264,12 @@ def test_daemon_killed_during_a_model_swap(tmp_path, sim):
     crashed = time.monotonic()
     assert d.proc.returncode == -signal.SIGKILL and (tmp_path / "crashed.swap").exists()
     d.log.close()
-    half = [p.name for p in (state / "models").iterdir()]
     d = Daemon(state, cfg, env=env)
-    res = sending.result(timeout=180)
-    assert (res.acked, res.unacked) == (n, 0)
-    try:
-        # the version that was being swapped in was never recorded as serving: a new training serves instead
-        assert sub.seen("w", n, timeout=180) == set(range(n))
-        sub.close()
-        recovered = time.monotonic() - crashed
-        counts = check_store(state, n, "w")
-        st = d.status()
-        assert st["serving"] is not None and st["serving"] >= 2, (half, st)
-    finally:
-        assert d.stop() == 0
+    # the version that was being swapped in was never recorded as serving: a new training (v2) serves instead
+    wait_for(lambda: d.status()["serving"], timeout=180, every=1)
+    assert d.status()["serving"] == 2
+    recovered = time.monotonic() - crashed
+    res, counts = settle(d, sub, sending, "w", n)
     record(
         "daemon SIGKILL during a model swap", "crash point", res.sent, counts["stored"], res.duplicates, 0, recovered
     )

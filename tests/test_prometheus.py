@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 import zmq
-from harness import ROOT, Daemon, cli, wait_for
+from harness import ROOT, Daemon, simulate, wait_for
 
 from daemon.clients import events_of, replay
 from daemon.datasets import read_recordings
@@ -319,10 +319,7 @@ def summarise(result: dict[str, Any]) -> str:
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "sim.npz"
-    r = cli("simulate", "--out", str(out), "--events", "200", "--species", "3", "--seed", "1")
-    assert r.returncode == 0, r.stderr
-    return out
+    return simulate(tmp_path_factory, 200, 3, 1)
 
 
 # as harness.CONFIG, smaller: a first model after 120 events, trained briefly

@@ -438,7 +438,11 @@ def test_install_into_a_temporary_root_keeps_config_and_state(tmp_path):
 
 def test_makefile_install_targets_call_the_scripts():
     r = subprocess.run(
-        ["make", "-n", "install", "uninstall", "PURGE=1"], capture_output=True, text=True, timeout=30, cwd=ROOT
+        ["make", "--no-print-directory", "-n", "install", "uninstall", "PURGE=1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:2] == ["deploy/install.sh", "deploy/uninstall.sh --purge"]
