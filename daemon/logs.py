@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
 import structlog
@@ -27,3 +28,21 @@ def configure(level: str = "info", json: bool | None = None) -> None:
 
 def get(**bind: Any) -> Any:
     return structlog.get_logger().bind(**bind)
+
+
+class RateLimited:
+    """Log a recurring event at most once per ``every_s`` per key, with the count in between."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self.last: dict[tuple[str, ...], float] = {}
+        self.pending: dict[tuple[str, ...], int] = {}
+
+    def due(self, key: tuple[str, ...], n: int) -> int:
+        """Add ``n``; returns the count to log now, or 0 to stay quiet."""
+        self.pending[key] = self.pending.get(key, 0) + n
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) < self.every_s:
+            return 0
+        self.last[key] = now
+        return self.pending.pop(key)

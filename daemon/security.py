@@ -9,7 +9,6 @@ client public certificates; a client needs its own secret certificate and the da
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,21 +147,3 @@ def _quiet() -> logging.Logger:
     log = logging.getLogger("wingbeat.zap")
     log.setLevel(logging.WARNING)
     return log
-
-
-class RateLimited:
-    """Log a recurring event at most once per ``every_s`` per key, with the count in between."""
-
-    def __init__(self, every_s: float = 10.0) -> None:
-        self.every_s = every_s
-        self.last: dict[tuple[str, ...], float] = {}
-        self.pending: dict[tuple[str, ...], int] = {}
-
-    def due(self, key: tuple[str, ...], n: int) -> int:
-        """Add ``n``; returns the count to log now, or 0 to stay quiet."""
-        self.pending[key] = self.pending.get(key, 0) + n
-        now = time.monotonic()
-        if now - self.last.get(key, -1e9) < self.every_s:
-            return 0
-        self.last[key] = now
-        return self.pending.pop(key)

@@ -33,7 +33,7 @@ from daemon.config import Config
 from daemon.faults import crash_point
 from daemon.metrics import Metrics, MetricsServer
 from daemon.protocol import Event, Limits, Reject, decode_ingest, encode_ack, encode_output
-from daemon.security import Guard, RateLimited
+from daemon.security import Guard
 from daemon.store import NewEvent, Output, Store
 from daemon.versions import read_version
 from model.checkpoint import CheckpointError, ModelVersion
@@ -148,7 +148,7 @@ class Service:
         self.outq: deque[dict[str, Any]] = deque()  # outputs to publish, oldest first
         self.queued_id = 0  # the newest event ID ever put in outq
         self.publish_from = 0.0  # monotonic time from which outputs go out (set at bind)
-        self.dropped_log = RateLimited(10.0)
+        self.dropped_log = logs.RateLimited(10.0)
         self.keep_raw = True
         self.stop = False
         self.reload = False
@@ -160,7 +160,7 @@ class Service:
         self.ctx = zmq.Context()
         self.sockets: list[zmq.Socket[bytes]] = []
         self.guard: Guard | None = None
-        self.refused_log = RateLimited(10.0)
+        self.refused_log = logs.RateLimited(10.0)
         self.metrics_server: MetricsServer | None = None
 
     # ---- start-up -----------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ class Service:
         self.router.setsockopt(zmq.MAXMSGSIZE, wall)
         self.router.setsockopt(zmq.RCVHWM, c.ingest.queue_per_sender)
         self.router.setsockopt(zmq.LINGER, 0)
-        self._secure(self.router, "ingest")
+        self._secure(self.router, "ingest", c.ingest.endpoint)
         self.router.bind(c.ingest.endpoint)
         self.sockets.append(self.router)
         self.pull: zmq.Socket[bytes] | None = None
@@ -185,7 +185,7 @@ class Service:
             self.pull.setsockopt(zmq.MAXMSGSIZE, wall)
             self.pull.setsockopt(zmq.RCVHWM, c.ingest.queue_per_sender)
             self.pull.setsockopt(zmq.LINGER, 0)
-            self._secure(self.pull, "ingest_plain")
+            self._secure(self.pull, "ingest_plain", c.ingest.plain_endpoint)
             self.pull.bind(c.ingest.plain_endpoint)
             self.sockets.append(self.pull)
         # XPUB that never drops silently: a send fails while any subscriber's queue is full, and the output waits in
@@ -197,7 +197,7 @@ class Service:
         if c.publish.heartbeat_s > 0:
             self.pub.setsockopt(zmq.HEARTBEAT_IVL, int(c.publish.heartbeat_s * 1000))
             self.pub.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(3 * c.publish.heartbeat_s * 1000))
-        self._secure(self.pub, "publish")
+        self._secure(self.pub, "publish", c.publish.endpoint)
         self.pub.bind(c.publish.endpoint)
         # subscribers of the process before a restart reconnect within ZeroMQ's reconnect interval (0.1 s by
         # default): publishing at once would give them nothing of what is republished first
@@ -209,13 +209,10 @@ class Service:
             self.metrics_server.start()
         self._write_endpoints()
 
-    def _secure(self, sock: zmq.Socket[bytes], name: str) -> None:
+    def _secure(self, sock: zmq.Socket[bytes], name: str, endpoint: str) -> None:
         if self.guard is not None:
             self.guard.secure(sock, name)
             return
-        endpoint = {"ingest": self.cfg.ingest.endpoint, "ingest_plain": self.cfg.ingest.plain_endpoint}.get(
-            name, self.cfg.publish.endpoint
-        )
         if not _loopback(endpoint):
             self.log.warning(
                 "insecure_endpoint",
@@ -874,18 +871,15 @@ class Service:
             if now - self.last_watchdog >= self.watchdog_every:
                 self.last_watchdog = now
                 sd_notify("WATCHDOG=1")
-        if self.guard is not None:
-            self.guard.drain()
         if self.outq:
             self._flush()
-        while True:  # subscriptions arrive on the XPUB; read them so they never pile up
-            try:
-                self.pub.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
         if now - self.last_housekeeping < 2.0:
             return
         self.last_housekeeping = now
+        if self.guard is not None:
+            self.guard.drain()
+        while self.pub.poll(0):  # subscriptions arrive on the XPUB; read them so they never pile up
+            self.pub.recv()
         s = self.cfg.store
         try:
             usage = shutil.disk_usage(self.state)

@@ -124,6 +124,10 @@ class Store:
         self.path = Path(state_dir) / DB_NAME
         self.readonly = readonly
         self.migrated: tuple[int, Path] | None = None  # (old schema version, backup) when opening migrated it
+        # Why the last write transaction failed ("" = it committed) and SQLite's name for it (SQLITE_BUSY,
+        # SQLITE_FULL, …): the serving loop's watchdog reads them.
+        self.write_error = ""
+        self.write_error_name = ""
         if readonly:
             if not self.path.exists():
                 raise StoreError(f"no store at {self.path}")
@@ -136,10 +140,6 @@ class Store:
             self._migrate()
         self.db.execute("PRAGMA foreign_keys=OFF")
         self._raw_bytes: int | None = None
-        # Why the last write transaction failed ("" = it committed) and SQLite's name for it (SQLITE_BUSY,
-        # SQLITE_FULL, …): the serving loop's watchdog reads them.
-        self.write_error = ""
-        self.write_error_name = ""
 
     # ---- schema -------------------------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -160,16 +160,11 @@ class Store:
                 backup = backup.with_name(f"{backup.name}.{time.time_ns()}")
             self.db.execute("VACUUM INTO ?", (str(backup),))
             self.migrated = (version, backup)
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._tx():
                 for v in range(version, SCHEMA_VERSION):
                     for statement in MIGRATIONS[v]:
                         self.db.execute(statement)
                 self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
 
     def schema_version(self) -> int:
         return int(self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
