@@ -149,9 +149,10 @@ def replay(
                     if on_ack is not None:
                         on_ack(body, last_progress - entry[1])
             now = time.monotonic()
-            for key, (frames, first, sent_at) in list(inflight.items()):
+            while inflight:  # ordered by last send time: only the oldest can be due
+                key, (frames, first, sent_at) = next(iter(inflight.items()))
                 if now - sent_at < ack_timeout_s:
-                    break  # ordered by last send time
+                    break
                 sock.send_multipart(frames)
                 inflight.move_to_end(key)
                 inflight[key] = (frames, first, now)

@@ -22,6 +22,7 @@ class Ingest:
     min_samples: int = 64
     batch_max: int = 256  # micro-batch: up to this many events …
     batch_wait_ms: float = 5.0  # … or this long after the first, whichever first
+    featurise_thread: bool = True  # featurise the next micro-batch in a second thread while this one commits
     queue_per_sender: int = 1000  # messages queued per connection before ZeroMQ stops reading it (backpressure)
     quarantine_keep: int = 100_000  # rows of quarantine kept (oldest dropped first)
     quarantine_frame_bytes: int = 65_536  # bytes of each rejected message kept

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,37 @@ def gate(metrics: dict[str, Any], rec_tolerance: float, ari_tolerance: float) ->
     return ""
 
 
+@dataclass
+class Job:
+    """A received micro-batch on its way through the loop: decoded now, featurised (maybe in the featurise
+    thread), then committed, acked and published in arrival order."""
+
+    batch: list[Received]
+    events: list[tuple[Received, Event]]
+    rejects: list[tuple[Received, Reject]]
+    duplicates: list[tuple[Received, Event]]
+    features: Future[tuple[dict[int, np.ndarray], dict[int, str]]]
+
+
+def featurise_batch(
+    events: list[tuple[Received, Event]], cfg: FeatureConfig
+) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Features of a batch's events by index, and why the others have none. Pure: runs in the featurise thread."""
+    feats: dict[int, np.ndarray] = {}
+    bad: dict[int, str] = {}
+    by_channels: dict[int, list[int]] = {}  # one call per channel count
+    for i, (_, ev) in enumerate(events):
+        by_channels.setdefault(ev.channels, []).append(i)
+    for idx in by_channels.values():
+        fb = featurise_events([events[i][1].samples for i in idx], [events[i][1].fs for i in idx], cfg)
+        for row, i in enumerate(idx):
+            if fb.ok[row]:
+                feats[i] = fb.features[row]
+            else:
+                bad[i] = str(fb.errors[row])
+    return feats, bad
+
+
 class Service:
     def __init__(self, cfg: Config, config_path: Path | None = None, overrides: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
@@ -162,6 +194,11 @@ class Service:
         self.guard: Guard | None = None
         self.refused_log = logs.RateLimited(10.0)
         self.metrics_server: MetricsServer | None = None
+        self.ack_counters: dict[str, Any] = {}  # wingbeat_acks_total by status, looked up once
+        self.jobs: deque[Job] = deque()  # received batches not yet committed, oldest first
+        # One more thread, for Welch only (numpy and scipy.fft release the GIL): batch N+1 is featurised while
+        # batch N commits, acks and publishes. Still one thread per library call (OPENBLAS_NUM_THREADS=1).
+        self.featuriser = ThreadPoolExecutor(1, thread_name_prefix="featurise") if cfg.ingest.featurise_thread else None
 
     # ---- start-up -----------------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -319,14 +356,22 @@ class Service:
                 poller.register(s, zmq.POLLIN)
         try:
             while not self.stop:
-                batch = self._receive(poller)
+                # Two stages: while batch N commits, acks and publishes here, batch N+1 is featurised in the
+                # featurise thread. One receive and one commit per turn, so batches keep their size: what came
+                # in during a commit is the next batch. With a batch in flight, take only what is queued now;
+                # with nothing more queued, commit at once (no reason to wait for the next batch).
+                batch = self._receive(poller, 0, linger=False) if self.jobs else self._receive(poller, 100)
                 if batch:
-                    self._ingest(batch)
+                    self.jobs.append(self._prepare(batch))
+                if self.jobs and (len(self.jobs) > 1 or not batch or not poller.poll(0)):
+                    self._commit(self.jobs.popleft())
                 self._serve_pending()
                 self._trainer_step()
                 self._housekeeping()
                 if self.reload:
                     self._reload()
+            while self.jobs:  # received before the stop: commit and ack them
+                self._commit(self.jobs.popleft())
         finally:
             self._shutdown()
         return 0
@@ -346,12 +391,14 @@ class Service:
         signal.signal(signal.SIGHUP, hup)
         signal.signal(signal.SIGUSR1, usr1)
 
-    def _receive(self, poller: zmq.Poller) -> list[Received]:
-        ready = dict(poller.poll(100))
+    def _receive(self, poller: zmq.Poller, timeout_ms: int, linger: bool = True) -> list[Received]:
+        """Up to ``ingest.batch_max`` messages: wait ``timeout_ms`` for the first, then up to
+        ``ingest.batch_wait_ms`` for more (``linger``) or only what is queued already."""
+        ready = dict(poller.poll(timeout_ms))
         if not ready:
             return []
         out: list[Received] = []
-        deadline = time.monotonic() + self.cfg.ingest.batch_wait_ms / 1000
+        deadline = time.monotonic() + (self.cfg.ingest.batch_wait_ms / 1000 if linger else 0.0)
         while len(out) < self.cfg.ingest.batch_max:
             got = False
             for sock, name in ((self.router, "ack"), (self.pull, "plain")):
@@ -375,7 +422,8 @@ class Service:
                     break
         return out
 
-    def _ingest(self, batch: list[Received]) -> None:
+    def _prepare(self, batch: list[Received]) -> Job:
+        """Decode a batch and start featurising it (in the featurise thread when there is one)."""
         decoded: list[tuple[Received, Event | Reject]] = [(r, decode_ingest(r.frames, self.limits)) for r in batch]
         seen: set[tuple[str, int]] = set()
         events: list[tuple[Received, Event]] = []
@@ -389,19 +437,17 @@ class Service:
             else:
                 seen.add((d.sensor, d.seq))
                 events.append((r, d))
-        # features: one call per channel count
-        feats: dict[int, np.ndarray] = {}
-        by_channels: dict[int, list[int]] = {}
-        for i, (_, ev) in enumerate(events):
-            by_channels.setdefault(ev.channels, []).append(i)
-        bad: dict[int, str] = {}
-        for idx in by_channels.values():
-            fb = featurise_events([events[i][1].samples for i in idx], [events[i][1].fs for i in idx], self.features)
-            for row, i in enumerate(idx):
-                if fb.ok[row]:
-                    feats[i] = fb.features[row]
-                else:
-                    bad[i] = str(fb.errors[row])
+        if self.featuriser is not None:
+            features = self.featuriser.submit(featurise_batch, events, self.features)
+        else:
+            features = Future()
+            features.set_result(featurise_batch(events, self.features))
+        return Job(batch, events, rejects, duplicates, features)
+
+    def _commit(self, job: Job) -> None:
+        """Store a featurised batch in one transaction, then ack it and publish its outputs."""
+        batch, events, rejects, duplicates = job.batch, job.events, job.rejects, job.duplicates
+        feats, bad = job.features.result()
         keep: list[tuple[Received, Event]] = []
         keep_feats: list[np.ndarray] = []
         for i, (r, e) in enumerate(events):
@@ -461,14 +507,14 @@ class Service:
                 "rejected", reason=j.reason, detail=j.detail, sensor=j.sensor, seq=j.seq, endpoint=r.endpoint
             )
             self._ack(r, j.sensor, j.seq, "rejected", j.reason)
+        stored: dict[str, int] = {}  # per sensor label: metrics once per batch, not once per event
         for (r, e), eid in zip(keep, ids, strict=True):
             if eid < 0:
                 duplicates.append((r, e))
                 continue
             self.n_events += 1
             s = self.metrics.sensor(e.sensor)
-            self.metrics.stored.labels(s).inc()
-            self.metrics.last_event.labels(s).set(time.time())
+            stored[s] = stored.get(s, 0) + 1
             last = self.last_seq.get(e.sensor)
             if last is not None and e.seq > last + 1:
                 self.metrics.gaps.labels(s).inc(e.seq - last - 1)
@@ -478,6 +524,10 @@ class Service:
             self.received_at[(e.sensor, e.seq)] = r.t
             self._ack(r, e.sensor, e.seq, "stored")
             self.metrics.ack_latency.observe(now - r.t)
+        wall = time.time()
+        for s, n in stored.items():
+            self.metrics.stored.labels(s).inc(n)
+            self.metrics.last_event.labels(s).set(wall)
         for r, e in duplicates:
             self.metrics.duplicates.inc()
             self._ack(r, e.sensor, e.seq, "duplicate")
@@ -530,7 +580,10 @@ class Service:
             return
         try:
             self.router.send_multipart([r.identity, *encode_ack(sensor, seq, status, reason)], zmq.NOBLOCK)
-            self.metrics.acks.labels(status).inc()
+            counter = self.ack_counters.get(status)
+            if counter is None:
+                counter = self.ack_counters[status] = self.metrics.acks.labels(status)
+            counter.inc()
         except zmq.ZMQError:
             pass  # the peer went away; it resends and is de-duplicated
 
@@ -578,12 +631,15 @@ class Service:
 
     def _publish(self, rows: list[dict[str, Any]]) -> None:
         """Queue outputs for subscribers and send what they can take now."""
+        per_cluster: dict[int, int] = {}
         for row in rows:
-            if row["cluster"] == NOVEL:
-                self.metrics.novel.inc()
-            self.metrics.per_cluster.labels(str(row["cluster"])).inc()
+            per_cluster[row["cluster"]] = per_cluster.get(row["cluster"], 0) + 1
             self.outq.append(row)
             self.queued_id = max(self.queued_id, row["event_id"])
+        for cluster, n in per_cluster.items():
+            self.metrics.per_cluster.labels(str(cluster)).inc(n)
+        if per_cluster.get(NOVEL):
+            self.metrics.novel.inc(per_cluster[NOVEL])
         self._flush()
         over = len(self.outq) - self.cfg.publish.queue_max
         if over > 0:  # a subscriber has been full for long: give up the oldest, say so, never block ingest
@@ -622,12 +678,12 @@ class Service:
             sent += 1
             if sent == half:
                 crash_point("mid_publish")  # some outputs published, none of them marked
-            self.metrics.published.inc()
             self.to_mark.append(row["event_id"])
             t = self.received_at.pop((row["sensor"], row["seq"]), None)
             if t is not None:
                 self.metrics.latency.observe(now - t)
         if sent:
+            self.metrics.published.inc(sent)
             self.metrics.publish_queue.set(len(self.outq))
 
     # ---- training -----------------------------------------------------------------------------------------
@@ -1002,6 +1058,8 @@ class Service:
                 while time.monotonic() < deadline and self.store.max_event_id() > self.store.last_output_id():
                     self._serve_pending(budget_s=1.0)
             self._stop_trainer()
+            if self.featuriser is not None:
+                self.featuriser.shutdown(wait=True)
             self._flush()  # what subscribers can take now; the rest is published again at the next start
             if self.to_mark:
                 self.store.mark_published(self.to_mark)

@@ -203,6 +203,9 @@ class Store:
         """
         now = time.time_ns()
         ids: list[int] = []
+        features: list[tuple[int, bytes]] = []
+        raw: list[tuple[int, bytes]] = []
+        out_rows: list[tuple[Any, ...]] = []
         added = 0
         with self._tx():
             for k, e in enumerate(events):
@@ -227,14 +230,15 @@ class Store:
                     continue
                 eid = int(cur.lastrowid or 0)
                 ids.append(eid)
-                self.db.execute(
-                    "INSERT INTO features VALUES (?, ?)", (eid, np.ascontiguousarray(e.features, np.float32).tobytes())
-                )
+                features.append((eid, np.ascontiguousarray(e.features, np.float32).tobytes()))
                 if keep_raw:
-                    self.db.execute("INSERT INTO raw VALUES (?, ?)", (eid, e.samples))
+                    raw.append((eid, e.samples))
                     added += len(e.samples)
                 if outputs is not None:
-                    self.db.execute(INSERT_OUTPUT, _output_row(outputs[k], eid))
+                    out_rows.append(_output_row(outputs[k], eid))
+            self.db.executemany("INSERT INTO features VALUES (?, ?)", features)
+            self.db.executemany("INSERT INTO raw VALUES (?, ?)", raw)
+            self.db.executemany(INSERT_OUTPUT, out_rows)
             self.db.executemany(MARK_PUBLISHED, [(i,) for i in mark_published or []])
             self.db.executemany(
                 "INSERT INTO quarantine (received_ns, reason, detail, sensor, seq, frames, endpoint)"

@@ -14,6 +14,7 @@ nothing but those arrays.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,32 +74,48 @@ class LatentClusterer:
     def k(self) -> int:
         return len(self.weights)
 
-    def _mixture(self) -> GaussianMixture:
-        gm = GaussianMixture(self.k, covariance_type="full")
-        gm.weights_, gm.means_, gm.covariances_ = self.weights, self.means, self.covariances
-        chol = np.stack([scipy.linalg.cholesky(c, lower=True) for c in self.covariances])
+    @functools.cached_property
+    def _precisions_cholesky(self) -> np.ndarray:
+        """(K, latent, latent): ``P`` with ``P Pᵀ = Σ⁻¹``, as sklearn's ``precisions_cholesky_`` (full)."""
         eye = np.eye(self.means.shape[1])
-        gm.precisions_cholesky_ = np.stack([scipy.linalg.solve_triangular(c, eye, lower=True).T for c in chol])
-        gm.precisions_ = gm.precisions_cholesky_ @ np.transpose(gm.precisions_cholesky_, (0, 2, 1))
-        return gm
+        return np.stack(
+            [
+                scipy.linalg.solve_triangular(scipy.linalg.cholesky(c, lower=True), eye, lower=True).T
+                for c in self.covariances
+            ]
+        )
+
+    def _weighted_log_prob(self, mu: np.ndarray) -> np.ndarray:
+        """(events, K): log wₖ + log N(μ | meansₖ, Σₖ), as ``GaussianMixture._estimate_weighted_log_prob``;
+        here without sklearn's per-call checks, which cost milliseconds on the small batches of the serving loop."""
+        pc = self._precisions_cholesky
+        d = mu.shape[1]
+        y = np.einsum("nd,kde->nke", mu, pc) - np.einsum("kd,kde->ke", self.means, pc)[None]
+        log_det = np.log(np.diagonal(pc, axis1=1, axis2=2)).sum(axis=1)
+        return -0.5 * (d * np.log(2 * np.pi) + np.einsum("nke,nke->nk", y, y)) + log_det + np.log(self.weights)
+
+    def score_samples(self, mu: np.ndarray) -> np.ndarray:
+        """(events,) log-likelihood of each μ under the mixture."""
+        return _logsumexp(self._weighted_log_prob(np.asarray(mu, np.float64)))
 
     def assign(self, mu: np.ndarray, rec_error: np.ndarray | None = None) -> Assignment:
         """Cluster IDs, posteriors and novelty for latent means ``mu`` (events, latent)."""
         mu = np.asarray(mu, dtype=np.float64)
         if len(mu) == 0:
             return Assignment(np.empty(0, np.int64), np.empty(0), np.empty(0))
-        gm = self._mixture()
-        post = gm.predict_proba(mu)  # (events, K)
-        comp = post.argmax(axis=1)
-        novelty = _ratio(-gm.score_samples(mu), self.nll_threshold)
+        wlp = self._weighted_log_prob(mu)
+        score = _logsumexp(wlp)
+        comp = wlp.argmax(axis=1)
+        probability = np.exp(wlp[np.arange(len(mu)), comp] - score)
+        novelty = _ratio(-score, self.nll_threshold)
         if rec_error is not None:
             novelty = np.maximum(novelty, _ratio(np.asarray(rec_error, np.float64), self.rec_threshold))
         cluster = np.where(novelty > 1, NOVEL, self.ids[comp]).astype(np.int64)
-        return Assignment(cluster, post[np.arange(len(mu)), comp], novelty)
+        return Assignment(cluster, probability, novelty)
 
     def components(self, mu: np.ndarray) -> np.ndarray:
         """Mixture component (not stable ID) of each row, ignoring novelty."""
-        return self._mixture().predict(np.asarray(mu, np.float64))
+        return self._weighted_log_prob(np.asarray(mu, np.float64)).argmax(axis=1)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -133,6 +150,12 @@ class LatentClusterer:
             float(a["thresholds"][1]),
             a["bic"].astype(np.float64),
         )
+
+
+def _logsumexp(a: np.ndarray) -> np.ndarray:
+    """log Σⱼ exp(a[:, j]), stable; (events, K) → (events,)."""
+    top = a.max(axis=1, keepdims=True)
+    return (top + np.log(np.exp(a - top).sum(axis=1, keepdims=True)))[:, 0]
 
 
 def _ratio(score: np.ndarray, threshold: float) -> np.ndarray:
@@ -190,7 +213,7 @@ def fit_clusterer(mu: np.ndarray, rec_error: np.ndarray, cfg: ClusterConfig) -> 
         np.array(bics, dtype=np.float64).reshape(-1, 2),
     )
     q = cfg.novelty_quantile
-    clusterer.nll_threshold = float(np.quantile(-clusterer._mixture().score_samples(mu), q))
+    clusterer.nll_threshold = float(np.quantile(-clusterer.score_samples(mu), q))
     clusterer.rec_threshold = float(np.quantile(np.asarray(rec_error, np.float64), q))
     return clusterer
 

@@ -8,6 +8,7 @@ single model serves instruments with different sample rates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -89,6 +90,92 @@ class FeatureBatch:
     errors: dict[int, FeatureError] = field(default_factory=dict)
 
 
+def _frames(x: np.ndarray, seg: int, hop: int) -> np.ndarray:
+    """(samples,) contiguous → (segments, seg) view with stride ``hop``; no copy (cheaper than sliding_window_view)."""
+    nseg = (x.shape[0] - seg) // hop + 1
+    step = x.strides[0]
+    return np.ndarray((nseg, seg), dtype=x.dtype, buffer=x, strides=(hop * step, step))
+
+
+def _welch_group(events: Sequence[np.ndarray], fs: float, seg: int, hop: int, nfft: int, kept: int) -> np.ndarray:
+    """Mean one-sided PSD of the first ``kept`` bins for events (channels, samples) that share one plan and one
+    sample rate: (all channels of all events in order, kept) float32.
+
+    Segments of all channels go through one zero-padded float32 buffer of about 4 MB, reused: every segment is
+    written once (mean removed, windowed), the FFT runs in cache, and power and averaging are done per buffer
+    while it is in cache. Segment means come from sums of shared pieces, not one pass per segment.
+    """
+    window = scipy.signal.get_window("hann", seg).astype(np.float32)
+    n_bins = nfft // 2 + 1
+    chans: list[np.ndarray] = []  # (samples,) float32, contiguous
+    means: list[np.ndarray] = []  # per channel: (segments,) float32 segment means
+    for x in events:
+        xf = np.ascontiguousarray(x, dtype=np.float32)
+        nseg = (xf.shape[1] - seg) // hop + 1
+        # segment sums from sums of gcd(seg, hop)-sample pieces (pairwise in float32, then prefix sums in float64)
+        g = math.gcd(seg, hop)
+        m_pieces = ((nseg - 1) * hop + seg) // g
+        prefix = np.zeros((xf.shape[0], m_pieces + 1))
+        np.cumsum(xf[:, : m_pieces * g].reshape(xf.shape[0], m_pieces, g).sum(axis=2), axis=1, out=prefix[:, 1:])
+        starts = np.arange(nseg) * (hop // g)
+        m = ((prefix[:, starts + seg // g] - prefix[:, starts]) / seg).astype(np.float32)
+        for c in range(xf.shape[0]):
+            chans.append(xf[c])
+            means.append(m[c])
+    counts = np.array([len(m) for m in means])
+    sums = np.zeros((len(chans), kept), dtype=np.float32)
+    block = max(1, (4 << 20) // (4 * nfft))
+    buf = np.zeros((block, nfft), dtype=np.float32)
+    ch = first = 0  # next segment to write: channel, and segment within it
+    total = int(counts.sum())
+    done = 0
+    while done < total:
+        n = min(block, total - done)
+        filled = 0
+        piece_rows, piece_chans = [], []
+        while filled < n:  # fill the buffer from the channels' segments, in order
+            take = min(int(counts[ch]) - first, n - filled)
+            frames = _frames(chans[ch], seg, hop)[first : first + take]
+            out = buf[filled : filled + take, :seg]
+            np.subtract(frames, means[ch][first : first + take, None], out=out)
+            out *= window
+            piece_rows.append(filled)
+            piece_chans.append(ch)
+            filled, first = filled + take, first + take
+            if first == counts[ch]:
+                ch, first = ch + 1, 0
+        spec = scipy.fft.rfft(buf[:n], axis=1, workers=1)[:, :kept]
+        power = np.square(spec.real)
+        power += np.square(spec.imag)
+        sums[piece_chans] += np.add.reduceat(power, piece_rows, axis=0)  # channels in one buffer are distinct
+        done += n
+    mean = sums / counts[:, None].astype(np.float32)
+    last = n_bins - 1 if nfft % 2 == 0 else n_bins  # the Nyquist bin of an even nfft has no mirror
+    mean[:, 1 : min(last, kept)] *= 2  # one-sided: fold negative frequencies
+    mean /= np.float32(fs * float(np.sum(window.astype(np.float64) ** 2)))
+    return mean
+
+
+def _plans(
+    events: Sequence[np.ndarray], fs: np.ndarray, cfg: FeatureConfig, f_keep: float | None
+) -> dict[tuple[float, int, int, int, int], list[int]]:
+    """Events grouped by (fs, seg, hop, nfft, kept bins): each group is one batched Welch."""
+    if len(fs) != len(events):
+        raise ValueError(f"got {len(events)} events but {len(fs)} sample rates")
+    groups: dict[tuple[float, int, int, int, int], list[int]] = {}
+    for i, x in enumerate(events):
+        if x.ndim != 2 or x.shape[1] < 1:
+            raise ValueError(f"event {i}: expected shape (channels, samples), got {x.shape}")
+        f = float(fs[i])
+        seg, hop, nfft = cfg.plan(f, x.shape[1])
+        n_bins = nfft // 2 + 1
+        kept = n_bins
+        if f_keep is not None:
+            kept = min(n_bins, int(np.searchsorted(np.arange(n_bins) * (f / nfft), f_keep)) + 1)
+        groups.setdefault((f, seg, hop, nfft, kept), []).append(i)
+    return groups
+
+
 def welch(
     events: Sequence[np.ndarray], fs: Sequence[float] | np.ndarray, cfg: FeatureConfig, f_keep: float | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -108,64 +195,15 @@ def welch(
     ``(freqs, psd)`` per event: freqs (bins,) in Hz, psd (channels, bins) float32.
     """
     fs = np.asarray(fs, dtype=np.float64).reshape(-1)
-    if len(fs) != len(events):
-        raise ValueError(f"got {len(events)} events but {len(fs)} sample rates")
     out: list[tuple[np.ndarray, np.ndarray]] = [(np.empty(0), np.empty((0, 0), np.float32))] * len(events)
-    groups: dict[tuple[int, int, int], list[int]] = {}
-    for i, x in enumerate(events):
-        if x.ndim != 2 or x.shape[1] < 1:
-            raise ValueError(f"event {i}: expected shape (channels, samples), got {x.shape}")
-        groups.setdefault(cfg.plan(float(fs[i]), x.shape[1]), []).append(i)
-
-    for (seg, hop, nfft), members in groups.items():
-        window = scipy.signal.get_window("hann", seg).astype(np.float32)
-        views, counts = [], []
-        for i in members:
-            x = np.asarray(events[i], dtype=np.float32)
-            frames = np.lib.stride_tricks.sliding_window_view(x, seg, axis=-1)[:, ::hop]  # (C, nseg, seg), no copy
-            views.append(frames)
-            counts.extend([frames.shape[1]] * frames.shape[0])
-        n_bins = nfft // 2 + 1
-        # bins kept by any member: power, averaging and folding only for those (f_keep = 2 kHz keeps ~1/5)
-        kept = n_bins
-        if f_keep is not None:
-            kept = max(min(n_bins, int(np.ceil(f_keep * nfft / fs[i])) + 1) for i in members)
-        channels = [channel for frames in views for channel in frames]  # (nseg, seg) strided views
-        power = np.empty((sum(counts), kept), dtype=np.float32)
-        # Segments go through one zero-padded buffer of about 4 MB, reused: every segment of every event is
-        # copied once, and the FFT works in cache (one array of all segments is ~100 MB for 256 events).
-        block = max(1, (4 << 20) // (4 * nfft))
-        buf = np.zeros((block, nfft), dtype=np.float32)
-        ch = first = 0  # next segment to copy: channel, and segment within it
-        for start in range(0, len(power), block):
-            n = min(block, len(power) - start)
-            filled = 0
-            while filled < n:  # fill the buffer from the channels' segment views, in order
-                take = min(counts[ch] - first, n - filled)
-                buf[filled : filled + take, :seg] = channels[ch][first : first + take]
-                filled, first = filled + take, first + take
-                if first == counts[ch]:
-                    ch, first = ch + 1, 0
-            body = buf[:n, :seg]
-            body -= body.mean(axis=1, keepdims=True)  # detrend="constant"
-            body *= window
-            spec = scipy.fft.rfft(buf[:n], axis=1, workers=1)[:, :kept]
-            power[start : start + n] = spec.real**2 + spec.imag**2
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        mean = np.add.reduceat(power, starts, axis=0) / np.asarray(counts, np.float32)[:, None]
-        last = n_bins - 1 if nfft % 2 == 0 else n_bins  # the Nyquist bin of an even nfft has no mirror
-        mean[:, 1 : min(last, kept)] *= 2  # one-sided: fold negative frequencies
-        win_power = float(np.sum(window.astype(np.float64) ** 2))
+    for (f, seg, hop, nfft, kept), members in _plans(events, fs, cfg, f_keep).items():
+        psd = _welch_group([events[i] for i in members], f, seg, hop, nfft, kept)
+        freqs = np.arange(kept) * (f / nfft)
         row = 0
         for i in members:
             c = events[i].shape[0]
-            freqs = np.arange(kept) * (fs[i] / nfft)
-            psd = mean[row : row + c] / np.float32(fs[i] * win_power)
+            out[i] = (freqs, psd[row : row + c])
             row += c
-            if f_keep is not None:
-                keep = min(n_bins, int(np.searchsorted(freqs, f_keep)) + 1)
-                freqs, psd = freqs[:keep], psd[:, :keep]
-            out[i] = (freqs, psd.astype(np.float32, copy=False))
     return out
 
 
@@ -242,14 +280,15 @@ def featurise_events(
             errors[i] = FeatureError(
                 first_index + i, "too_short", f"has {e.shape[1]} samples, fewer than the minimum {cfg.min_samples}"
             )
-        elif not np.isfinite(e).all():
+        elif e.dtype.kind == "f" and not np.isfinite(e).all():  # integer samples are always finite
             errors[i] = FeatureError(first_index + i, "non_finite", "contains NaN or infinite samples")
         else:
             good.append(i)
-    spectra = welch([events[i] for i in good], fs[good], cfg, f_keep=cfg.f_max)
     gridded = np.empty((len(good), c, cfg.n_bins), dtype=np.float32)
-    for row, (freqs, psd) in enumerate(spectra):
-        gridded[row] = to_grid(freqs, psd, cfg.grid)
+    good_events = [events[i] for i in good]
+    for (rate, seg, hop, nfft, kept), rows in _plans(good_events, fs[good], cfg, cfg.f_max).items():
+        psd = _welch_group([good_events[r] for r in rows], rate, seg, hop, nfft, kept)
+        gridded[rows] = to_grid(np.arange(kept) * (rate / nfft), psd.reshape(len(rows), c, kept), cfg.grid)
     batch = log_minmax(gridded, cfg.eps)
     for row, i in enumerate(good):
         if batch.ok[row]:

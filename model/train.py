@@ -189,7 +189,8 @@ def fit(
 @torch.no_grad()
 def encode_mu(model: VAE, x: torch.Tensor, batch: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent means and per-event reconstruction error (decoding μ) for x (events, n_in)."""
-    model.eval()
+    if model.training:  # eval() walks every module: skip it on the serving loop's small batches
+        model.eval()
     mus, errs = [], []
     for start in range(0, len(x), batch):
         xb = x[start : start + batch].reshape(-1, model.cfg.n_in)

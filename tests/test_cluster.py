@@ -92,3 +92,21 @@ def test_retrain_on_same_data_keeps_ids():
     old_ids = first.assign(mu).cluster
     second.ids = align_ids(old_ids, second.components(mu[:, ::-1] * 2), second.k, next_id=first.k)
     np.testing.assert_array_equal(second.assign(mu[:, ::-1] * 2).cluster, old_ids)
+
+
+def test_assignment_equals_sklearns_gaussian_mixture():
+    # the serving path computes the mixture's log-densities itself; sklearn's GaussianMixture is the known answer
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(7)
+    mu = np.concatenate([rng.normal(m, s, (200, 3)) for m, s in ((-3, 0.5), (0, 1.0), (4, 0.3))])
+    gm = GaussianMixture(3, covariance_type="full", random_state=0).fit(mu)
+    c = LatentClusterer(gm.weights_, gm.means_, gm.covariances_, np.array([5, 9, 2]), 5.0, 1.0, np.empty((0, 2)))
+    x = np.concatenate([mu[::7], rng.normal(0, 6, (20, 3))])
+    np.testing.assert_allclose(c.score_samples(x), gm.score_samples(x), rtol=1e-10)
+    np.testing.assert_array_equal(c.components(x), gm.predict(x))
+    a = c.assign(x)
+    np.testing.assert_allclose(a.probability, gm.predict_proba(x).max(axis=1), rtol=1e-10)
+    novel = -gm.score_samples(x) > 5.0
+    assert novel.any() and not novel.all()
+    np.testing.assert_array_equal(a.cluster, np.where(novel, NOVEL, np.array([5, 9, 2])[gm.predict(x)]))

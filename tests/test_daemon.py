@@ -154,16 +154,26 @@ def test_starts_from_a_model_trained_offline_and_refuses_a_bad_one(tmp_path, sim
     model = tmp_path / "m"
     r = cli("train", str(sim), "--out", str(model), "--epochs", "30", timeout=300)
     assert r.returncode == 0, r.stderr
-    d = Daemon(tmp_path / "state", config, "--model", str(model))
-    try:
-        sub = Subscriber(d.publish)
-        time.sleep(0.3)
-        rec = read_recordings(sim)
-        res = replay(events_of(rec, "a", 0, False), d.ingest, window=32, ack_timeout_s=10, give_up_s=60)
-        assert res.acked == 320
-        assert len(sub.drain(320, timeout=60)) == 320  # a model from the start: outputs right away
-    finally:
-        assert d.stop() == 0
+    rec = read_recordings(sim)
+    published = {}
+    for thread in ("true", "false"):  # featurising in its own thread or on the loop's: the same outputs
+        conf = tmp_path / f"thread-{thread}.toml"
+        conf.write_text(CONFIG.replace("[ingest]\n", f"[ingest]\nfeaturise_thread = {thread}\n"))
+        d = Daemon(tmp_path / f"state-{thread}", conf, "--model", str(model))
+        try:
+            sub = Subscriber(d.publish)
+            time.sleep(0.3)
+            res = replay(events_of(rec, "a", 0, False), d.ingest, window=64, ack_timeout_s=10, give_up_s=60)
+            assert res.acked == 320
+            got = sub.drain(320, timeout=60)  # a model from the start: outputs right away
+            assert len(got) == 320
+            assert [o["seq"] for o in got] == list(range(320))  # in arrival order
+            published[thread] = got
+        finally:
+            assert d.stop() == 0
+    for a, b in zip(published["true"], published["false"], strict=True):
+        assert (a["cluster"], a["model_version"]) == (b["cluster"], b["model_version"])
+        np.testing.assert_allclose(a["latent"], b["latent"], rtol=1e-5, atol=1e-6)
     (model / "weights.safetensors").write_bytes(b"garbage")
     r = cli("run", "--state", str(tmp_path / "s2"), "--model", str(model), "--metrics", "", timeout=60)
     assert r.returncode == 2 and "does not match the checksum" in r.stderr and "Traceback" not in r.stderr

@@ -38,6 +38,18 @@ def test_welch_equals_scipy_across_buffer_blocks_with_kept_bins():
         np.testing.assert_allclose(psd, ref, rtol=2e-4, atol=1e-5 * ref.max())
 
 
+def test_welch_removes_a_large_offset_per_segment_like_scipy():
+    # ambient light: a DC level 30× the signal, drifting; segment means are removed exactly, not cancelled late
+    rng = np.random.default_rng(4)
+    t = np.arange(7000) / 20_800.0
+    x = 20_000 + 3000 * t[None, :] + rng.normal(0, 600, (2, 7000)) + 500 * np.sin(2 * np.pi * 600 * t)
+    events = [x.astype(np.int16), x[:, :2345].astype(np.float64)]
+    for (freqs, psd), e in zip(welch(events, [20_800.0] * 2, CFG, f_keep=2000.0), events, strict=True):
+        ref = scipy_welch(e, 20_800.0)[:, : len(freqs)]
+        np.testing.assert_allclose(psd, ref, rtol=2e-4, atol=1e-5 * ref.max())
+        np.testing.assert_allclose(psd[:, :3], ref[:, :3], rtol=2e-4)  # the lowest bins, where the offset was
+
+
 def test_welch_other_sample_rate_matches_scipy():
     x = np.random.default_rng(2).normal(size=(2, 4000))
     ((freqs, psd),) = welch([x], [10_000.0], CFG)
