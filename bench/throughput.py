@@ -97,11 +97,13 @@ def latency_run(data: Path, eps: dict, rate: float, sensor: str, n: int) -> tupl
     return finish(p), np.array(lat)
 
 
-def start_daemon(work: Path, name: str, model: Path, featurise_thread: bool) -> tuple[subprocess.Popen[bytes], dict]:
+def start_daemon(work: Path, name: str, model: Path, threads: int | None) -> tuple[subprocess.Popen[bytes], dict]:
+    """A daemon serving ``model``; ``threads``: ingest.featurise_threads (None = the default)."""
     conf = work / f"{name}.toml"
     conf.write_text(
-        f'[ingest]\nendpoint = "tcp://127.0.0.1:0"\nfeaturise_thread = {str(featurise_thread).lower()}\n'
-        '[publish]\nendpoint = "tcp://127.0.0.1:0"\n'
+        '[ingest]\nendpoint = "tcp://127.0.0.1:0"\n'
+        + ("" if threads is None else f"featurise_threads = {threads}\n")
+        + '[publish]\nendpoint = "tcp://127.0.0.1:0"\n'
         '[metrics]\nlisten = "127.0.0.1:0"\n[store]\nraw_max_bytes = 268435456\n'
         "[training]\nfinetune_every_events = 100000000\nfull_every_events = 100000000\nfinetune_every_s = 0.0\n"
         "epochs_full = 300\n"
@@ -179,14 +181,14 @@ def main() -> None:
     model = work / "model"
     wingbeat("train", str(data), "--out", str(model), "--epochs", "20")
 
-    # the baseline in the same run: one thread does everything (ingest.featurise_thread = false)
-    daemon, eps = start_daemon(work, "serial", model, featurise_thread=False)
+    # the baseline in the same run: one thread does everything (ingest.featurise_threads = 0)
+    daemon, eps = start_daemon(work, "serial", model, threads=0)
     try:
         base, base_lat = sustained_and_latency(data, eps, args.rate, len(events), "")
     finally:
         stop_daemon(daemon)
 
-    daemon, eps = start_daemon(work, "daemon", model, featurise_thread=True)
+    daemon, eps = start_daemon(work, "daemon", model, threads=None)
     try:
         rss0 = rss_mib(daemon.pid)
         # 2. and 3. sustained, and latency at a fixed rate
@@ -198,7 +200,7 @@ def main() -> None:
         )
         print(
             f"  the same, one-thread loop (baseline):  {base['events_per_s']:8.0f}   "
-            f"(featurise thread / baseline: {res['events_per_s'] / base['events_per_s']:.2f}×)"
+            f"(featurise threads / baseline: {res['events_per_s'] / base['events_per_s']:.2f}×)"
         )
         print(
             f"latency at {args.rate:.0f} events/s (send → publish):  p50 {ms(lat, 50):6.1f} ms   "

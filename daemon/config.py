@@ -22,7 +22,7 @@ class Ingest:
     min_samples: int = 64
     batch_max: int = 256  # micro-batch: up to this many events …
     batch_wait_ms: float = 5.0  # … or this long after the first, whichever first
-    featurise_thread: bool = True  # featurise the next micro-batch in a second thread while this one commits
+    featurise_threads: int = 2  # featurise the next micro-batch in these threads while this one commits (0 = off)
     queue_per_sender: int = 1000  # messages queued per connection before ZeroMQ stops reading it (backpressure)
     quarantine_keep: int = 100_000  # rows of quarantine kept (oldest dropped first)
     quarantine_frame_bytes: int = 65_536  # bytes of each rejected message kept
@@ -34,6 +34,7 @@ class Publish:
     hwm: int = 10_000  # outputs queued per subscriber in ZeroMQ; a subscriber this far behind holds publishing …
     queue_max: int = 100_000  # … and outputs wait in the daemon, up to this many; beyond, the oldest are dropped
     heartbeat_s: float = 5.0  # ping subscribers; one silent for 3 × this is disconnected (0 = off)
+    sndbuf_bytes: int = 0  # kernel send buffer per subscriber connection (0 = the system's; it may grow to MBs)
     start_grace_s: float = 1.0  # after start, publish nothing this long: subscribers of before a restart reconnect
 
 
@@ -100,12 +101,14 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "ingest.min_samples": (lambda v: v >= 8, "must be at least 8"),
     "ingest.batch_max": (lambda v: 1 <= v <= 10_000, "must be in 1–10000"),
     "ingest.batch_wait_ms": (lambda v: 0 <= v <= 1000, "must be in 0–1000"),
+    "ingest.featurise_threads": (lambda v: 0 <= v <= 16, "must be in 0–16"),
     "ingest.quarantine_keep": (lambda v: v >= 1, "must be at least 1"),
     "ingest.quarantine_frame_bytes": (lambda v: v >= 0, "must be ≥ 0"),
     "publish.hwm": (lambda v: v >= 1, "must be at least 1"),
     "publish.queue_max": (lambda v: v >= 1, "must be at least 1"),
     "publish.heartbeat_s": (lambda v: 0 <= v <= 3600, "must be in 0–3600"),
     "publish.start_grace_s": (lambda v: 0 <= v <= 600, "must be in 0–600"),
+    "publish.sndbuf_bytes": (lambda v: 0 <= v <= 1 << 30, "must be in 0–1073741824"),
     "ingest.queue_per_sender": (lambda v: 1 <= v <= 1_000_000, "must be in 1–1000000"),
     "metrics.max_sensors": (lambda v: v >= 1, "must be at least 1"),
     "store.raw_max_age_days": (lambda v: v >= 0, "must be ≥ 0"),

@@ -111,25 +111,35 @@ def gate(metrics: dict[str, Any], rec_tolerance: float, ari_tolerance: float) ->
 
 @dataclass
 class Job:
-    """A received micro-batch on its way through the loop: decoded now, featurised (maybe in the featurise
-    thread), then committed, acked and published in arrival order."""
+    """A received micro-batch on its way through the loop: decoded now, featurised (in the featurise threads
+    when there are any), then committed, acked and published in arrival order."""
 
     batch: list[Received]
     events: list[tuple[Received, Event]]
     rejects: list[tuple[Received, Reject]]
     duplicates: list[tuple[Received, Event]]
-    features: Future[tuple[dict[int, np.ndarray], dict[int, str]]]
+    features: list[Future[tuple[dict[int, np.ndarray], dict[int, str]]]]  # one per part of the batch
+
+    def result(self) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+        feats: dict[int, np.ndarray] = {}
+        bad: dict[int, str] = {}
+        for f in self.features:
+            a, b = f.result()
+            feats.update(a)
+            bad.update(b)
+        return feats, bad
 
 
 def featurise_batch(
-    events: list[tuple[Received, Event]], cfg: FeatureConfig
+    events: list[tuple[Received, Event]], cfg: FeatureConfig, lo: int, hi: int
 ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-    """Features of a batch's events by index, and why the others have none. Pure: runs in the featurise thread."""
+    """Features of events ``lo``…``hi``−1 of a batch by index, and why the others have none. Pure: runs in a
+    featurise thread."""
     feats: dict[int, np.ndarray] = {}
     bad: dict[int, str] = {}
     by_channels: dict[int, list[int]] = {}  # one call per channel count
-    for i, (_, ev) in enumerate(events):
-        by_channels.setdefault(ev.channels, []).append(i)
+    for i in range(lo, hi):
+        by_channels.setdefault(events[i][1].channels, []).append(i)
     for idx in by_channels.values():
         fb = featurise_events([events[i][1].samples for i in idx], [events[i][1].fs for i in idx], cfg)
         for row, i in enumerate(idx):
@@ -149,7 +159,7 @@ class Service:
         self.state = Path(cfg.state_dir)
         self.models_dir = self.state / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.state)
+        self.store = Store(self.state, checkpoint_every_s=0.1)
         if self.store.migrated:
             old, backup = self.store.migrated
             self.log.warning(
@@ -196,9 +206,11 @@ class Service:
         self.metrics_server: MetricsServer | None = None
         self.ack_counters: dict[str, Any] = {}  # wingbeat_acks_total by status, looked up once
         self.jobs: deque[Job] = deque()  # received batches not yet committed, oldest first
-        # One more thread, for Welch only (numpy and scipy.fft release the GIL): batch N+1 is featurised while
-        # batch N commits, acks and publishes. Still one thread per library call (OPENBLAS_NUM_THREADS=1).
-        self.featuriser = ThreadPoolExecutor(1, thread_name_prefix="featurise") if cfg.ingest.featurise_thread else None
+        # Threads for Welch only (numpy and scipy.fft release the GIL): batch N+1 is featurised, split in
+        # ``ingest.featurise_threads`` parts, while batch N commits. Every library call still runs on one thread
+        # (OPENBLAS_NUM_THREADS=1, torch.set_num_threads(1)); 0 featurises on the serving thread.
+        n = cfg.ingest.featurise_threads
+        self.featuriser = ThreadPoolExecutor(n, thread_name_prefix="featurise") if n > 0 else None
 
     # ---- start-up -----------------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -230,6 +242,8 @@ class Service:
         self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.SNDHWM, c.publish.hwm)
         self.pub.setsockopt(zmq.XPUB_NODROP, 1)
+        if c.publish.sndbuf_bytes:
+            self.pub.setsockopt(zmq.SNDBUF, c.publish.sndbuf_bytes)
         self.pub.setsockopt(zmq.LINGER, 2000)
         if c.publish.heartbeat_s > 0:
             self.pub.setsockopt(zmq.HEARTBEAT_IVL, int(c.publish.heartbeat_s * 1000))
@@ -423,7 +437,7 @@ class Service:
         return out
 
     def _prepare(self, batch: list[Received]) -> Job:
-        """Decode a batch and start featurising it (in the featurise thread when there is one)."""
+        """Decode a batch and start featurising it (in the featurise threads when there are any)."""
         decoded: list[tuple[Received, Event | Reject]] = [(r, decode_ingest(r.frames, self.limits)) for r in batch]
         seen: set[tuple[str, int]] = set()
         events: list[tuple[Received, Event]] = []
@@ -438,16 +452,21 @@ class Service:
                 seen.add((d.sensor, d.seq))
                 events.append((r, d))
         if self.featuriser is not None:
-            features = self.featuriser.submit(featurise_batch, events, self.features)
+            parts = self.cfg.ingest.featurise_threads if len(events) >= 32 else 1  # one part per thread
+            cut = [len(events) * k // parts for k in range(parts + 1)]
+            features = [
+                self.featuriser.submit(featurise_batch, events, self.features, cut[k], cut[k + 1]) for k in range(parts)
+            ]
         else:
-            features = Future()
-            features.set_result(featurise_batch(events, self.features))
+            done: Future[tuple[dict[int, np.ndarray], dict[int, str]]] = Future()
+            done.set_result(featurise_batch(events, self.features, 0, len(events)))
+            features = [done]
         return Job(batch, events, rejects, duplicates, features)
 
     def _commit(self, job: Job) -> None:
         """Store a featurised batch in one transaction, then ack it and publish its outputs."""
         batch, events, rejects, duplicates = job.batch, job.events, job.rejects, job.duplicates
-        feats, bad = job.features.result()
+        feats, bad = job.result()
         keep: list[tuple[Received, Event]] = []
         keep_feats: list[np.ndarray] = []
         for i, (r, e) in enumerate(events):

@@ -156,10 +156,10 @@ def test_starts_from_a_model_trained_offline_and_refuses_a_bad_one(tmp_path, sim
     assert r.returncode == 0, r.stderr
     rec = read_recordings(sim)
     published = {}
-    for thread in ("true", "false"):  # featurising in its own thread or on the loop's: the same outputs
-        conf = tmp_path / f"thread-{thread}.toml"
-        conf.write_text(CONFIG.replace("[ingest]\n", f"[ingest]\nfeaturise_thread = {thread}\n"))
-        d = Daemon(tmp_path / f"state-{thread}", conf, "--model", str(model))
+    for threads in ("2", "0"):  # featurising in threads or on the loop's own: the same outputs
+        conf = tmp_path / f"threads-{threads}.toml"
+        conf.write_text(CONFIG.replace("[ingest]\n", f"[ingest]\nfeaturise_threads = {threads}\n"))
+        d = Daemon(tmp_path / f"state-{threads}", conf, "--model", str(model))
         try:
             sub = Subscriber(d.publish)
             time.sleep(0.3)
@@ -168,10 +168,10 @@ def test_starts_from_a_model_trained_offline_and_refuses_a_bad_one(tmp_path, sim
             got = sub.drain(320, timeout=60)  # a model from the start: outputs right away
             assert len(got) == 320
             assert [o["seq"] for o in got] == list(range(320))  # in arrival order
-            published[thread] = got
+            published[threads] = got
         finally:
             assert d.stop() == 0
-    for a, b in zip(published["true"], published["false"], strict=True):
+    for a, b in zip(published["2"], published["0"], strict=True):
         assert (a["cluster"], a["model_version"]) == (b["cluster"], b["model_version"])
         np.testing.assert_allclose(a["latent"], b["latent"], rtol=1e-5, atol=1e-6)
     (model / "weights.safetensors").write_bytes(b"garbage")
@@ -215,3 +215,15 @@ def test_replay_says_what_was_not_acked(tmp_path, sim):
 
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def test_gate_known_answers():
+    from daemon.service import gate
+
+    ok = {"val_rec": 10.9, "parent_val_rec": 10.0, "ari": 0.60, "parent_ari": 0.62}
+    assert gate(ok, 0.10, 0.05) == ""  # 9 % worse, 0.02 ARI lower: within both tolerances
+    assert "worse than the serving model's 10" in gate({**ok, "val_rec": 11.2}, 0.10, 0.05)
+    assert gate({**ok, "val_rec": 11.2}, 0.15, 0.05) == ""
+    assert "ARI on labelled events 0.500 is below the serving model's 0.620" in gate({**ok, "ari": 0.5}, 0.10, 0.05)
+    assert "not finite" in gate({**ok, "val_rec": float("nan")}, 0.10, 0.05)
+    assert gate({"val_rec": 5.0}, 0.0, 0.0) == ""  # a first model: nothing to compare with

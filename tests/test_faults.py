@@ -511,7 +511,9 @@ time.sleep(600)  # and never reads
 def test_a_slow_subscriber_never_blocks_ingest_and_what_it_costs_is_counted(tmp_path, sim, model):
     rec = read_recordings(sim)
     n = len(rec)
-    cfg = config(tmp_path / "c.toml", publish="hwm = 20\nqueue_max = 100\nheartbeat_s = 1.0")
+    # small kernel buffers on both ends, so that what the subscriber does not read backs up into the daemon's
+    # queue whatever the kernel's buffer auto-tuning does
+    cfg = config(tmp_path / "c.toml", publish="hwm = 20\nqueue_max = 100\nheartbeat_s = 1.0\nsndbuf_bytes = 4096")
     d = Daemon(tmp_path / "state", cfg, "--model", str(model))
     fast = Listener(d.publish)
     slow = subprocess.Popen([sys.executable, "-c", SLOW_SUBSCRIBER, d.publish], stdout=subprocess.PIPE, text=True)

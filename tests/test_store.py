@@ -136,3 +136,28 @@ def test_a_failed_migration_leaves_the_old_store_as_it_was(tmp_path, monkeypatch
     assert db.execute("SELECT value FROM meta").fetchone() == ("1",)
     assert "endpoint" not in [r[1] for r in db.execute("PRAGMA table_info(quarantine)")]
     assert db.execute("SELECT count(*) FROM events").fetchone() == (30,)
+
+
+def test_checkpoint_thread_keeps_the_wal_small_and_leaves_it_empty(tmp_path):
+    import dataclasses
+    import time
+
+    big = [dataclasses.replace(ev(i), samples=bytes(25_000)) for i in range(400)]  # 10 MB of raw samples
+    wal = tmp_path / f"{DB_NAME}-wal"
+    st = Store(tmp_path, checkpoint_every_s=0.02)
+    assert st.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 16384  # the writer's own: a backstop
+    sizes = []
+    for i in range(0, 400, 20):
+        st.ingest(big[i : i + 20], [], keep_raw=True)
+        time.sleep(0.03)
+        sizes.append(wal.stat().st_size)
+    deadline = time.monotonic() + 10
+    while st.checkpointer is not None and st.checkpointer.runs < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert st.checkpointer is not None and st.checkpointer.runs >= 5 and st.checkpointer.error == ""
+    # without the thread the WAL would hold every batch until the 64 MB backstop: 10 MB here
+    assert max(sizes) < 5_000_000, sizes
+    st.close()
+    assert not wal.exists() or wal.stat().st_size == 0
+    ro = Store(tmp_path, readonly=True)
+    assert ro.raw_bytes() == 400 * 25_000 and ro.integrity_ok()
