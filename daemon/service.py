@@ -45,6 +45,7 @@ from model.spectra import FeatureConfig, featurise_events
 RETRAIN_REQUEST = "retrain-request"
 VERSION_DIR = re.compile(r"v(\d+)")
 # Keys a SIGHUP may change; everything else needs a restart.
+SPLIT_FROM = 32  # events in a batch from which featurising is split over the featurise threads
 RELOADABLE = ("training", "store", "ingest.batch_max", "ingest.batch_wait_ms", "ingest.quarantine_keep")
 
 
@@ -451,8 +452,10 @@ class Service:
             else:
                 seen.add((d.sensor, d.seq))
                 events.append((r, d))
-        if self.featuriser is not None:
-            parts = self.cfg.ingest.featurise_threads if len(events) >= 32 else 1  # one part per thread
+        # A small batch with nothing in flight (light load) is featurised here: handing it to a thread and back
+        # only adds latency. Under load batches grow, and the threads take them.
+        if self.featuriser is not None and (len(events) >= SPLIT_FROM or self.jobs):
+            parts = self.cfg.ingest.featurise_threads if len(events) >= SPLIT_FROM else 1  # one part per thread
             cut = [len(events) * k // parts for k in range(parts + 1)]
             features = [
                 self.featuriser.submit(featurise_batch, events, self.features, cut[k], cut[k + 1]) for k in range(parts)
