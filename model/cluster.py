@@ -34,6 +34,7 @@ class ClusterConfig:
     concentration: float = 1e-2  # dp: Dirichlet-process concentration (smaller → fewer clusters)
     min_weight: float = 1e-3  # dp: components below this weight are dropped
     n_init: int = 2
+    dp_inits: tuple[str, ...] = ("kmeans", "k-means++", "random_from_data")  # dp: kinds of start, best bound kept
     max_fit_events: int = 20_000  # larger sets are subsampled for the fit (seeded)
     novelty_quantile: float = 0.995  # training events above this quantile of either score are "novel"
     seed: int = 0
@@ -45,6 +46,8 @@ class ClusterConfig:
             raise ValueError(
                 f"need concentration > 0 and 0 <= min_weight < 1, got {self.concentration}, {self.min_weight}"
             )
+        if not self.dp_inits or not set(self.dp_inits) <= {"kmeans", "k-means++", "random", "random_from_data"}:
+            raise ValueError(f"dp_inits must name kmeans, k-means++, random or random_from_data, got {self.dp_inits!r}")
         if not 1 <= self.k_min <= self.k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min} and {self.k_max}")
         if not 0.5 < self.novelty_quantile <= 1:
@@ -173,16 +176,24 @@ def fit_clusterer(mu: np.ndarray, rec_error: np.ndarray, cfg: ClusterConfig) -> 
     k_max = min(cfg.k_max, len(fit_on))
     bics = []
     if cfg.method == "dp":
-        dp = BayesianGaussianMixture(
-            n_components=k_max,
-            covariance_type="full",
-            weight_concentration_prior_type="dirichlet_process",
-            weight_concentration_prior=cfg.concentration,
-            n_init=cfg.n_init,
-            max_iter=500,
-            random_state=cfg.seed,
-            reg_covar=1e-6,
-        ).fit(fit_on)
+        # Variational fits end in local optima, and restarts from one kind of initialisation tend to end in the
+        # same one: each kind of start is tried, and the fit with the highest lower bound (the model's own,
+        # unsupervised criterion: same prior, same events) is kept.
+        fits = [
+            BayesianGaussianMixture(
+                n_components=k_max,
+                covariance_type="full",
+                weight_concentration_prior_type="dirichlet_process",
+                weight_concentration_prior=cfg.concentration,
+                n_init=cfg.n_init,
+                init_params=init,
+                max_iter=500,
+                random_state=cfg.seed,
+                reg_covar=1e-6,
+            ).fit(fit_on)
+            for init in cfg.dp_inits
+        ]
+        dp = max(fits, key=lambda f: f.lower_bound_)
         keep = dp.weights_ >= cfg.min_weight
         keep[np.argmax(dp.weights_)] = True
         weights, means, covariances = (

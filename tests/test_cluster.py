@@ -110,3 +110,32 @@ def test_assignment_equals_sklearns_gaussian_mixture():
     novel = -gm.score_samples(x) > 5.0
     assert novel.any() and not novel.all()
     np.testing.assert_array_equal(a.cluster, np.where(novel, NOVEL, np.array([5, 9, 2])[gm.predict(x)]))
+
+
+def test_dp_keeps_the_start_with_the_highest_lower_bound():
+    from dataclasses import replace
+
+    from sklearn.mixture import BayesianGaussianMixture
+
+    mu, _ = arcs(seed=3, n=900)
+    cfg = ClusterConfig(k_max=12)
+    chosen = fit_clusterer(mu, np.ones(len(mu)), cfg)
+    bounds = {}
+    for init in cfg.dp_inits:
+        one = fit_clusterer(mu, np.ones(len(mu)), replace(cfg, dp_inits=(init,)))
+        dp = BayesianGaussianMixture(
+            n_components=12,
+            covariance_type="full",
+            weight_concentration_prior_type="dirichlet_process",
+            weight_concentration_prior=cfg.concentration,
+            n_init=cfg.n_init,
+            init_params=init,
+            max_iter=500,
+            random_state=cfg.seed,
+            reg_covar=1e-6,
+        ).fit(mu)
+        bounds[init] = (dp.lower_bound_, one)
+    best = max(bounds.values(), key=lambda b: b[0])[1]
+    np.testing.assert_array_equal(chosen.means, best.means)
+    with pytest.raises(ValueError, match="dp_inits"):
+        ClusterConfig(dp_inits=("spectral",))
