@@ -44,8 +44,8 @@ from model.spectra import FeatureConfig, featurise_events
 
 RETRAIN_REQUEST = "retrain-request"
 VERSION_DIR = re.compile(r"v(\d+)")
-# Keys a SIGHUP may change; everything else needs a restart.
 SPLIT_FROM = 32  # events in a batch from which featurising is split over the featurise threads
+# Keys a SIGHUP may change; everything else needs a restart.
 RELOADABLE = ("training", "store", "ingest.batch_max", "ingest.batch_wait_ms", "ingest.quarantine_keep")
 
 
@@ -372,7 +372,7 @@ class Service:
         try:
             while not self.stop:
                 # Two stages: while batch N commits, acks and publishes here, batch N+1 is featurised in the
-                # featurise thread. One receive and one commit per turn, so batches keep their size: what came
+                # featurise threads. One receive and one commit per turn, so batches keep their size: what came
                 # in during a commit is the next batch. With a batch in flight, take only what is queued now;
                 # with nothing more queued, commit at once (no reason to wait for the next batch).
                 batch = self._receive(poller, 0, linger=False) if self.jobs else self._receive(poller, 100)
@@ -660,8 +660,9 @@ class Service:
             self.queued_id = max(self.queued_id, row["event_id"])
         for cluster, n in per_cluster.items():
             self.metrics.per_cluster.labels(str(cluster)).inc(n)
-        if per_cluster.get(NOVEL):
-            self.metrics.novel.inc(per_cluster[NOVEL])
+        novel = per_cluster.get(NOVEL, 0)
+        if novel:
+            self.metrics.novel.inc(novel)
         self._flush()
         over = len(self.outq) - self.cfg.publish.queue_max
         if over > 0:  # a subscriber has been full for long: give up the oldest, say so, never block ingest

@@ -166,6 +166,21 @@ def _ratio(score: np.ndarray, threshold: float) -> np.ndarray:
     return np.maximum(0.0, 1.0 + (score - threshold) / max(abs(threshold), 1e-12))
 
 
+def dp_mixture(cfg: ClusterConfig, k_max: int, init: str) -> BayesianGaussianMixture:
+    """The (unfitted) variational Dirichlet-process mixture of ``cfg``, truncated at ``k_max``, started by ``init``."""
+    return BayesianGaussianMixture(
+        n_components=k_max,
+        covariance_type="full",
+        weight_concentration_prior_type="dirichlet_process",
+        weight_concentration_prior=cfg.concentration,
+        n_init=cfg.n_init,
+        init_params=init,
+        max_iter=500,
+        random_state=cfg.seed,
+        reg_covar=1e-6,
+    )
+
+
 def fit_clusterer(mu: np.ndarray, rec_error: np.ndarray, cfg: ClusterConfig) -> LatentClusterer:
     """Fit a mixture to ``mu`` (events, latent), K chosen by ``cfg.method``; novelty thresholds from the same events."""
     mu = np.asarray(mu, dtype=np.float64)
@@ -179,21 +194,7 @@ def fit_clusterer(mu: np.ndarray, rec_error: np.ndarray, cfg: ClusterConfig) -> 
         # Variational fits end in local optima, and restarts from one kind of initialisation tend to end in the
         # same one: each kind of start is tried, and the fit with the highest lower bound (the model's own,
         # unsupervised criterion: same prior, same events) is kept.
-        fits = [
-            BayesianGaussianMixture(
-                n_components=k_max,
-                covariance_type="full",
-                weight_concentration_prior_type="dirichlet_process",
-                weight_concentration_prior=cfg.concentration,
-                n_init=cfg.n_init,
-                init_params=init,
-                max_iter=500,
-                random_state=cfg.seed,
-                reg_covar=1e-6,
-            ).fit(fit_on)
-            for init in cfg.dp_inits
-        ]
-        dp = max(fits, key=lambda f: f.lower_bound_)
+        dp = max((dp_mixture(cfg, k_max, init).fit(fit_on) for init in cfg.dp_inits), key=lambda f: f.lower_bound_)
         keep = dp.weights_ >= cfg.min_weight
         keep[np.argmax(dp.weights_)] = True
         weights, means, covariances = (

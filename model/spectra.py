@@ -107,7 +107,7 @@ def _welch_group(events: Sequence[np.ndarray], fs: float, seg: int, hop: int, nf
     """
     window = scipy.signal.get_window("hann", seg).astype(np.float32)
     n_bins = nfft // 2 + 1
-    chans: list[np.ndarray] = []  # (samples,) float32, contiguous
+    frames: list[np.ndarray] = []  # per channel: (segments, seg) strided views of its float32 samples
     means: list[np.ndarray] = []  # per channel: (segments,) float32 segment means
     for x in events:
         xf = np.ascontiguousarray(x, dtype=np.float32)
@@ -120,10 +120,10 @@ def _welch_group(events: Sequence[np.ndarray], fs: float, seg: int, hop: int, nf
         starts = np.arange(nseg) * (hop // g)
         m = ((prefix[:, starts + seg // g] - prefix[:, starts]) / seg).astype(np.float32)
         for c in range(xf.shape[0]):
-            chans.append(xf[c])
+            frames.append(_frames(xf[c], seg, hop))
             means.append(m[c])
     counts = np.array([len(m) for m in means])
-    sums = np.zeros((len(chans), kept), dtype=np.float32)
+    sums = np.zeros((len(frames), kept), dtype=np.float32)
     block = max(1, (4 << 20) // (4 * nfft))
     buf = np.zeros((block, nfft), dtype=np.float32)
     ch = first = 0  # next segment to write: channel, and segment within it
@@ -135,9 +135,8 @@ def _welch_group(events: Sequence[np.ndarray], fs: float, seg: int, hop: int, nf
         piece_rows, piece_chans = [], []
         while filled < n:  # fill the buffer from the channels' segments, in order
             take = min(int(counts[ch]) - first, n - filled)
-            frames = _frames(chans[ch], seg, hop)[first : first + take]
             out = buf[filled : filled + take, :seg]
-            np.subtract(frames, means[ch][first : first + take, None], out=out)
+            np.subtract(frames[ch][first : first + take], means[ch][first : first + take, None], out=out)
             out *= window
             piece_rows.append(filled)
             piece_chans.append(ch)

@@ -115,7 +115,7 @@ def test_assignment_equals_sklearns_gaussian_mixture():
 def test_dp_keeps_the_start_with_the_highest_lower_bound():
     from dataclasses import replace
 
-    from sklearn.mixture import BayesianGaussianMixture
+    from model.cluster import dp_mixture
 
     mu, _ = arcs(seed=3, n=900)
     cfg = ClusterConfig(k_max=12)
@@ -123,18 +123,7 @@ def test_dp_keeps_the_start_with_the_highest_lower_bound():
     bounds = {}
     for init in cfg.dp_inits:
         one = fit_clusterer(mu, np.ones(len(mu)), replace(cfg, dp_inits=(init,)))
-        dp = BayesianGaussianMixture(
-            n_components=12,
-            covariance_type="full",
-            weight_concentration_prior_type="dirichlet_process",
-            weight_concentration_prior=cfg.concentration,
-            n_init=cfg.n_init,
-            init_params=init,
-            max_iter=500,
-            random_state=cfg.seed,
-            reg_covar=1e-6,
-        ).fit(mu)
-        bounds[init] = (dp.lower_bound_, one)
+        bounds[init] = (dp_mixture(cfg, 12, init).fit(mu).lower_bound_, one)
     best = max(bounds.values(), key=lambda b: b[0])[1]
     np.testing.assert_array_equal(chosen.means, best.means)
     with pytest.raises(ValueError, match="dp_inits"):
