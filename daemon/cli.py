@@ -415,17 +415,29 @@ def _curve(client_key: Path | None, server_key: Path | None) -> Any:
     return Curve(client_key, server_key) if client_key and server_key else None
 
 
+def _cards(state: Path, version: int | None) -> list[dict[str, Any]]:
+    """The cluster cards (model.cards) in a model version's manifest; none for versions written before them."""
+    if version is None:
+        return []
+    try:
+        return list(json.loads((state / "models" / f"v{version}" / "manifest.json").read_text()).get("cards", []))
+    except (OSError, ValueError):
+        return []
+
+
 @app.command()
 @clean_errors
 def status(
     state: Annotated[Path, typer.Option(help="State directory.")] = Path("wingbeat-state"),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Events per sensor and per cluster, quarantine by reason, model versions, trainings."""
+    """Events per sensor and per cluster, quarantine by reason, model versions, trainings, the serving model's
+    cluster cards (size, wing-beat f0, harmonics, labelled species)."""
     import time
     from datetime import UTC, datetime
 
     from daemon.store import Store
+    from model.cards import format_cards
 
     store = Store(state, readonly=True)
     try:
@@ -435,6 +447,7 @@ def status(
         store.close()
     serving = [m for m in info["models"] if m["status"] == "serving"]
     info["serving"] = serving[-1]["version"] if serving else None
+    info["cards"] = _cards(state, info["serving"])
     info["endpoints"] = _endpoints(state)
     try:
         info["daemon"] = json.loads((state / "daemon-status.json").read_text())
@@ -458,6 +471,10 @@ def status(
         typer.echo(f"model v{m['version']}: {m['status']} ({m['kind']}) {extra} {m['reason']}".rstrip())
     if not info["models"]:
         typer.echo("no model yet")
+    if info["cards"]:
+        typer.echo(f"clusters of the serving model v{info['serving']}:")
+        for line in format_cards(info["cards"]):
+            typer.echo("  " + line)
     if info["models"]:
         last = info["models"][-1]
         when = datetime.fromtimestamp(last["created_ns"] / 1e9, tz=UTC).isoformat(timespec="seconds")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,31 @@ def to_plane(mu: np.ndarray) -> np.ndarray:
     return centred @ vt[:2].T
 
 
+def draw_cards(ax: Any, cards: list[dict[str, Any]], freqs: np.ndarray) -> None:
+    """Mean spectrum per cluster (model.cards), offset one above the other, f0 and its harmonics marked."""
+    if not cards:
+        ax.text(0.5, 0.5, "no cluster cards in this version", ha="center", va="center", transform=ax.transAxes)
+        return
+    for row, card in enumerate(cards):
+        colour = f"C{row % 10}"
+        mean = np.asarray(card["mean_spectrum"])  # (channels, bins)
+        for ch, spectrum in enumerate(mean):
+            ax.plot(freqs, spectrum + row, color=colour, lw=0.9, ls=("-", "--", ":")[ch % 3])
+        if card["f0_hz"] is not None:
+            f0 = card["f0_of_mean_hz"]
+            ax.vlines(f0 * np.arange(1, 5), row, row + 1, color=colour, lw=0.6, alpha=0.5)
+            ax.plot([f0], [row + 1], marker="v", color=colour)
+            label = f"{card['cluster']}: f0 {card['f0_hz']:.0f} Hz, n = {card['size']}"
+        else:
+            label = f"{card['cluster']}: no f0 above 40 Hz, n = {card['size']}"
+        ax.text(freqs[-1], row + 0.5, " " + label, va="center", fontsize=7, color=colour)
+    ax.set_xlim(freqs[0], freqs[-1] * 1.25)  # room for the labels on the right
+    ax.set_xlabel("frequency (Hz)")
+    ax.set_ylabel("cluster (offset); channels: solid, dashed")
+    ax.set_yticks([])
+    ax.set_title("mean spectrum per cluster; ▼ estimated wing-beat f0, lines at its first 4 harmonics")
+
+
 def render(version: ModelVersion, features: np.ndarray | None, labels: np.ndarray | None, out: Path) -> None:
     import matplotlib
 
@@ -30,8 +56,10 @@ def render(version: ModelVersion, features: np.ndarray | None, labels: np.ndarra
     from model.predict import predict
 
     hist = version.manifest.get("history", {})
-    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
-    ax_c, ax_l, ax_curves, ax_spec = axes.ravel()
+    fig = plt.figure(figsize=(13, 15))
+    grid = fig.add_gridspec(3, 2)
+    ax_c, ax_l, ax_curves, ax_spec = (fig.add_subplot(grid[i // 2, i % 2]) for i in range(4))
+    draw_cards(fig.add_subplot(grid[2, :]), version.manifest.get("cards", []), version.features.grid)
     if features is not None and len(features):
         rng = np.random.default_rng(0)
         show = rng.choice(len(features), min(len(features), 5000), replace=False)

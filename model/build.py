@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 from model.beta import BetaSchedule
+from model.cards import cluster_cards
 from model.cluster import ClusterConfig, LatentClusterer, fit_clusterer
 from model.evaluate import scores
+from model.spectra import FeatureConfig
 from model.train import EpochStats, TrainConfig, TrainResult, encode_mu, fit
 from model.vae import VAE, VAEConfig
 
@@ -45,11 +47,14 @@ def build(
     on_epoch: Callable[[EpochStats], None] | None = None,
     init: dict[str, torch.Tensor] | None = None,
     schedule: BetaSchedule | None = None,
+    freqs: np.ndarray | None = None,
 ) -> Built:
     """Train on ``features`` (events, channels, bins) with species ``labels`` (events,) str, "" = unlabelled.
 
     ``init`` (weights) and ``schedule`` (its β state) continue a model: a fine-tune. Otherwise training starts
-    from seeded random weights and the whole β schedule.
+    from seeded random weights and the whole β schedule. ``freqs`` (bins,) Hz is the features' frequency grid,
+    for the cluster cards (``model.cards``); by default the standard grid (``FeatureConfig().grid``) when the
+    features' size fits it, and no cards otherwise (features from elsewhere, e.g. the UCR archive's).
     """
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32).reshape(len(features), -1)).to(device)
     codes, names = label_codes(labels)
@@ -67,6 +72,12 @@ def build(
         "novel_fraction": float(np.mean(assigned.cluster < 0)),
         "latent_std": mu.std(axis=0).tolist(),
     }
+    grid = FeatureConfig().grid if freqs is None else np.asarray(freqs, np.float64)
+    cards = []
+    if x.shape[1] % len(grid) == 0:
+        # (events, channels, bins), cards over the training events: what each cluster was fitted to
+        spectra = x.cpu().numpy().reshape(len(x), -1, len(grid))
+        cards = cluster_cards(spectra, grid, assigned.cluster, labels if (codes >= 0).any() else None)
     val = result.val_index.numpy()
     if len(val):
         metrics["val_rec"] = float(err[val].mean())
@@ -94,6 +105,7 @@ def build(
         },
         "beta_schedule": result.schedule.to_dict(),
         "metrics": metrics,
+        "cards": cards,
         "device": str(device),
     }
     model.cpu()

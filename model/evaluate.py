@@ -29,6 +29,12 @@ def gmm_bic(x: np.ndarray, k_max: int = 20, seed: int = 0) -> np.ndarray:
     return best[1].predict(x)
 
 
+def pca_gmm(features: np.ndarray, dims: int, seed: int = 0) -> np.ndarray:
+    """Labels of PCA to ``dims`` dimensions, then a full Gaussian mixture with K = 1 … 20 by BIC."""
+    x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    return gmm_bic(PCA(n_components=min(dims, *x.shape), random_state=seed).fit_transform(x), seed=seed)
+
+
 def baselines(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, dict[str, float]]:
     """The paper's baselines on flattened features (events, n_in), K = number of distinct labels.
 
