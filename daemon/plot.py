@@ -58,7 +58,8 @@ def render(version: ModelVersion, features: np.ndarray | None, labels: np.ndarra
     hist = version.manifest.get("history", {})
     fig = plt.figure(figsize=(13, 15))
     grid = fig.add_gridspec(3, 2)
-    ax_c, ax_l, ax_curves, ax_spec = (fig.add_subplot(grid[i // 2, i % 2]) for i in range(4))
+    axes: list[Any] = [fig.add_subplot(grid[i // 2, i % 2]) for i in range(4)]
+    ax_c, ax_l, ax_curves, ax_spec = axes
     draw_cards(fig.add_subplot(grid[2, :]), version.manifest.get("cards", []), version.features.grid)
     if features is not None and len(features):
         rng = np.random.default_rng(0)
@@ -88,7 +89,7 @@ def render(version: ModelVersion, features: np.ndarray | None, labels: np.ndarra
         ax_spec.set_title("spectra (blue) and reconstructions (orange), offset")
         ax_spec.set_xlabel("input bin (channels back to back)")
     else:
-        means = to_plane(version.clusterer.means)
+        means = to_plane(version.clusterer.cluster_means)
         ax_c.scatter(means[:, 0], means[:, 1], c=version.clusterer.ids, cmap="tab20")
         for ident, m in zip(version.clusterer.ids, means, strict=True):
             ax_c.annotate(str(ident), m)

@@ -65,7 +65,7 @@ def build(
     model.to(device)
     result = fit(model, x, train_cfg, torch.from_numpy(codes), schedule=schedule, on_epoch=on_epoch)
     mu, err = (t.double().cpu().numpy() for t in encode_mu(model, x))
-    clusterer = fit_clusterer(mu, err, cluster_cfg)
+    clusterer = fit_clusterer(mu, err, cluster_cfg, labels if train_cfg.semi_supervised else None)
     assigned = clusterer.assign(mu, err)
     metrics: dict[str, Any] = {
         "n_clusters": clusterer.k,

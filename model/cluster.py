@@ -37,6 +37,7 @@ class ClusterConfig:
     dp_inits: tuple[str, ...] = ("kmeans", "k-means++", "random_from_data")  # dp: kinds of start, best bound kept
     max_fit_events: int = 20_000  # larger sets are subsampled for the fit (seeded)
     novelty_quantile: float = 0.995  # training events above this quantile of either score are "novel"
+    merge_min_share: float = 0.25  # with labels: see merge_by_labels
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -63,19 +64,46 @@ class Assignment:
 
 @dataclass
 class LatentClusterer:
-    """A fitted full-covariance mixture. ``ids[j]`` is the stable cluster ID of component j."""
+    """A fitted full-covariance mixture whose components are grouped into clusters.
 
-    weights: np.ndarray  # (K,)
+    ``groups[j]`` is the cluster (0 … k−1) of component j and ``ids[c]`` the stable ID of cluster c. Without
+    labels every component is its own cluster; with calibration labels, components whose labelled events are
+    mostly one species form one cluster (``merge_by_labels``), so a species the mixture tiles with several
+    Gaussians (a curved group in the latent) is still one cluster.
+    """
+
+    weights: np.ndarray  # (K components,)
     means: np.ndarray  # (K, latent)
     covariances: np.ndarray  # (K, latent, latent)
-    ids: np.ndarray  # (K,) int64
+    ids: np.ndarray  # (k clusters,) int64
     nll_threshold: float  # −log-likelihood of μ at the novelty quantile of training events
     rec_threshold: float  # reconstruction error at the same quantile
     bic: np.ndarray  # (K tried, 2): K and its BIC, for the record (empty for "dp")
+    groups: np.ndarray | None = None  # (K,) int64 cluster of each component; None: one cluster per component
+
+    def __post_init__(self) -> None:
+        if self.groups is None:
+            self.groups = np.arange(len(self.weights), dtype=np.int64)
 
     @property
     def k(self) -> int:
-        return len(self.weights)
+        """Number of clusters (not components)."""
+        return len(self.ids)
+
+    @property
+    def cluster_means(self) -> np.ndarray:
+        """(k, latent): the weighted mean of each cluster's component means."""
+        g = self._groups
+        w = np.zeros(self.k)
+        np.add.at(w, g, self.weights)
+        out = np.zeros((self.k, self.means.shape[1]))
+        np.add.at(out, g, self.weights[:, None] * self.means)
+        return out / np.maximum(w, 1e-300)[:, None]
+
+    @property
+    def _groups(self) -> np.ndarray:
+        assert self.groups is not None  # set in __post_init__
+        return self.groups
 
     @functools.cached_property
     def _precisions_cholesky(self) -> np.ndarray:
@@ -108,17 +136,28 @@ class LatentClusterer:
             return Assignment(np.empty(0, np.int64), np.empty(0), np.empty(0))
         wlp = self._weighted_log_prob(mu)
         score = _logsumexp(wlp)
-        comp = wlp.argmax(axis=1)
-        probability = np.exp(wlp[np.arange(len(mu)), comp] - score)
+        post = self._cluster_posterior(wlp, score)  # (events, k)
+        comp = post.argmax(axis=1)
+        probability = post[np.arange(len(mu)), comp]
         novelty = _ratio(-score, self.nll_threshold)
         if rec_error is not None:
             novelty = np.maximum(novelty, _ratio(np.asarray(rec_error, np.float64), self.rec_threshold))
         cluster = np.where(novelty > 1, NOVEL, self.ids[comp]).astype(np.int64)
         return Assignment(cluster, probability, novelty)
 
+    def _cluster_posterior(self, wlp: np.ndarray, score: np.ndarray) -> np.ndarray:
+        """(events, k) posterior of each cluster: the sum over its components' posteriors."""
+        post = np.exp(wlp - score[:, None])  # (events, K components)
+        if self.k == len(self.weights) and (self._groups == np.arange(self.k)).all():
+            return post
+        out = np.zeros((len(post), self.k))
+        np.add.at(out.T, self._groups, post.T)
+        return out
+
     def components(self, mu: np.ndarray) -> np.ndarray:
-        """Mixture component (not stable ID) of each row, ignoring novelty."""
-        return self._weighted_log_prob(np.asarray(mu, np.float64)).argmax(axis=1)
+        """Cluster index 0 … k−1 (not stable ID) of each row, ignoring novelty."""
+        wlp = self._weighted_log_prob(np.asarray(mu, np.float64))
+        return self._cluster_posterior(wlp, _logsumexp(wlp)).argmax(axis=1)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -128,16 +167,21 @@ class LatentClusterer:
             "ids": self.ids,
             "thresholds": np.array([self.nll_threshold, self.rec_threshold]),
             "bic": self.bic,
+            "groups": self._groups,
         }
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> LatentClusterer:
         k = len(a["weights"])
+        groups = a.get("groups", np.arange(k))  # versions written before clusters had several components
+        n_clusters = int(groups.max()) + 1 if len(groups) else 0
         shapes_ok = (
             a["means"].ndim == 2
             and a["means"].shape[0] == k
             and a["covariances"].shape == (k, a["means"].shape[1], a["means"].shape[1])
-            and a["ids"].shape == (k,)
+            and groups.shape == (k,)
+            and set(groups.tolist()) == set(range(n_clusters))
+            and a["ids"].shape == (n_clusters,)
             and a["thresholds"].shape == (2,)
         )
         if not shapes_ok or k == 0:
@@ -152,6 +196,7 @@ class LatentClusterer:
             float(a["thresholds"][0]),
             float(a["thresholds"][1]),
             a["bic"].astype(np.float64),
+            groups.astype(np.int64),
         )
 
 
@@ -181,8 +226,43 @@ def dp_mixture(cfg: ClusterConfig, k_max: int, init: str) -> BayesianGaussianMix
     )
 
 
-def fit_clusterer(mu: np.ndarray, rec_error: np.ndarray, cfg: ClusterConfig) -> LatentClusterer:
-    """Fit a mixture to ``mu`` (events, latent), K chosen by ``cfg.method``; novelty thresholds from the same events."""
+def merge_by_labels(components: np.ndarray, k: int, labels: np.ndarray, min_share: float) -> np.ndarray:
+    """(k,) cluster of each of ``k`` mixture components, from calibration labels of the training events.
+
+    Parameters
+    ----------
+    components : (events,) component of each training event.
+    labels : (events,) species names, "" = unlabelled.
+    min_share : a component joins the cluster of the species most of its labelled events belong to when its
+        labelled events are at least this share of what the overall labelled fraction predicts; otherwise (no
+        labelled events, or too few: an unlabelled species with a few stray neighbours) it is a cluster of its own.
+
+    Returns
+    -------
+    (k,) int64 cluster indices 0 … n−1, in order of first appearance.
+    """
+    labelled = labels != ""
+    frac = labelled.mean() if len(labels) else 0.0
+    keys: list[str] = []
+    for j in range(k):
+        m = components == j
+        names, counts = np.unique(labels[m & labelled], return_counts=True)
+        if len(names) and counts.sum() >= min_share * frac * m.sum():
+            keys.append("species:" + str(names[np.argmax(counts)]))
+        else:
+            keys.append(f"component:{j}")
+    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    return np.array([index[key] for key in keys], dtype=np.int64)
+
+
+def fit_clusterer(
+    mu: np.ndarray, rec_error: np.ndarray, cfg: ClusterConfig, labels: np.ndarray | None = None
+) -> LatentClusterer:
+    """Fit a mixture to ``mu`` (events, latent), K chosen by ``cfg.method``; novelty thresholds from the same events.
+
+    With calibration ``labels`` (events,) str ("" = unlabelled), components are grouped into clusters by
+    ``merge_by_labels``: what a field user gets from labelling a few insects of the species they know.
+    """
     mu = np.asarray(mu, dtype=np.float64)
     if len(mu) < 2:
         raise ValueError(f"need at least 2 events to fit clusters, got {len(mu)}")
@@ -213,16 +293,25 @@ def fit_clusterer(mu: np.ndarray, rec_error: np.ndarray, cfg: ClusterConfig) -> 
                 best = (bic, gm)
         assert best is not None
         weights, means, covariances = best[1].weights_, best[1].means_, best[1].covariances_
-    order = np.argsort(-weights)  # component 0 = largest cluster; IDs 0…K−1 in that order
-    k = len(order)
+    order = np.argsort(-weights)  # component 0 = largest
+    weights, means, covariances = weights[order], means[order], covariances[order]
+    groups = np.arange(len(order), dtype=np.int64)
+    if labels is not None and (np.asarray(labels) != "").any():
+        # the components' training events, as the mixture assigns them
+        plain = LatentClusterer(weights, means, covariances, groups, 0.0, 0.0, np.empty((0, 2)))
+        groups = merge_by_labels(plain.components(mu), len(order), np.asarray(labels).astype(str), cfg.merge_min_share)
+        size = np.zeros(groups.max() + 1)
+        np.add.at(size, groups, weights)
+        groups = np.argsort(np.argsort(-size, kind="stable"))[groups]  # cluster 0 = largest; IDs 0…k−1 in that order
     clusterer = LatentClusterer(
-        weights[order],
-        means[order],
-        covariances[order],
-        np.arange(k, dtype=np.int64),
+        weights,
+        means,
+        covariances,
+        np.arange(groups.max() + 1, dtype=np.int64),
         0.0,
         0.0,
         np.array(bics, dtype=np.float64).reshape(-1, 2),
+        groups,
     )
     q = cfg.novelty_quantile
     clusterer.nll_threshold = float(np.quantile(-clusterer.score_samples(mu), q))

@@ -128,3 +128,50 @@ def test_dp_keeps_the_start_with_the_highest_lower_bound():
     np.testing.assert_array_equal(chosen.means, best.means)
     with pytest.raises(ValueError, match="dp_inits"):
         ClusterConfig(dp_inits=("spectral",))
+
+
+def test_merge_by_labels_known_answer():
+    from model.cluster import merge_by_labels
+
+    comp = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3])
+    labels = np.array(["a", "a", "", "", "a", "b", "", "", "", "", "", "", "b", "", "", "b"])
+    # 0 and 1 are mostly "a"; 2 has no labels (a species nobody labelled); 3 is "b"
+    assert merge_by_labels(comp, 4, labels, 0.25).tolist() == [0, 0, 1, 2]
+    # a component whose labelled share is far below the overall one keeps its own cluster
+    sparse = np.array(["a"] + [""] * 11 + ["b"] * 4)
+    assert merge_by_labels(comp, 4, sparse, 0.5).tolist() == [0, 1, 2, 3]
+
+
+def test_labels_join_the_components_of_a_curved_species():
+    # Two thin arcs: the mixture needs several Gaussians per arc. With 10 % of the events labelled, the
+    # components of each arc become one cluster, and serving assigns events to the arc, not to a tile.
+    from sklearn.metrics import adjusted_rand_score
+
+    mu, y = arcs(seed=1, n=2000)
+    labels = np.where(np.random.default_rng(0).random(len(y)) < 0.1, np.array(["inner", "outer"])[y], "")
+    plain = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(method="bic", k_max=12))
+    c = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(method="bic", k_max=12), labels)
+    assert plain.k > 2 and len(c.weights) == plain.k and c.k == 2
+    assert sorted(set(c.groups.tolist())) == [0, 1] and c.ids.tolist() == [0, 1]
+    a = c.assign(mu)
+    assert adjusted_rand_score(y[a.cluster >= 0], a.cluster[a.cluster >= 0]) > 0.99
+    # the cluster's probability is the sum over its components: near 1 away from the arcs' ends
+    assert np.median(a.probability) > 0.99
+    assert adjusted_rand_score(y, c.components(mu)) > 0.99
+    back = LatentClusterer.from_arrays(c.to_arrays())
+    np.testing.assert_array_equal(back.assign(mu).cluster, a.cluster)
+    np.testing.assert_allclose(back.cluster_means[0], mu[c.components(mu) == 0].mean(axis=0), atol=0.3)
+
+
+def test_clusterer_arrays_without_groups_still_load():
+    # model versions written before clusters could hold several components
+    mu, _ = blobs()
+    c = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(k_max=6))
+    arrays = c.to_arrays()
+    del arrays["groups"]
+    old = LatentClusterer.from_arrays(arrays)
+    assert old.groups.tolist() == list(range(old.k))
+    np.testing.assert_array_equal(old.assign(mu).cluster, c.assign(mu).cluster)
+    arrays["groups"] = np.array([0, 0, 2])  # a cluster index with no component
+    with pytest.raises(ValueError, match="shapes"):
+        LatentClusterer.from_arrays(arrays)
