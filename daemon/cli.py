@@ -556,7 +556,7 @@ def retrain(
     state: Annotated[Path, typer.Option(help="State directory of the running daemon.")] = Path("wingbeat-state"),
 ) -> None:
     """Ask the running daemon for a full retrain now (also: kill -USR1 <pid>)."""
-    from daemon.service import RETRAIN_REQUEST
+    from daemon.supervisor import RETRAIN_REQUEST
 
     if not state.is_dir():
         raise ValueError(f"{state}: no such state directory")

@@ -68,7 +68,8 @@ class Training:
     gate_ari_tolerance: float = 0.02  # … and lose at most this much ARI on labelled events
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 1  # torch threads of the trainer process
-    nice: int = 10  # the trainer's CPU priority below the serving loop's (0 = same; on 2 cores they share one)
+    idle: bool = True  # the trainer under SCHED_IDLE: it gets a core only when serving leaves one free
+    nice: int = 10  # the trainer's CPU priority below the serving loop's where SCHED_IDLE is off or refused
     backoff_s: float = 30.0  # after a failed training, wait this long (doubling, up to 1 h) before the next
     seed: int = 0
 
@@ -209,6 +210,47 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
             node = node.setdefault(p, {})
         node[leaf] = value
     return validate(_build(Config, data, ""))
+
+
+# Keys a SIGHUP may change (prefixes of dotted keys); everything else needs a restart.
+RELOADABLE = ("training", "store", "ingest.batch_max", "ingest.batch_wait_ms", "ingest.quarantine_keep")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """A config from nested dicts (``Config.to_dict()``, a TOML document), validated like a file."""
+    return validate(_build(Config, data, ""))
+
+
+def reload(
+    old: Config, path: Path | None, overrides: dict[str, Any] | None = None
+) -> tuple[Config, list[str], list[str]]:
+    """What a SIGHUP applies: the file read again (flags still win), keeping every changed key that is not
+    RELOADABLE at its running value. Returns (the new config, keys applied, keys that need a restart); raises
+    ConfigError for a bad file (the running config stays)."""
+    new = load(path, overrides) if path is not None else old
+    old_d, new_d = flatten(old.to_dict()), flatten(new.to_dict())
+    changed = sorted(k for k in new_d if new_d[k] != old_d.get(k))
+    applied = [k for k in changed if k.startswith(RELOADABLE)]
+    restart = [k for k in changed if k not in applied]
+    merged: dict[str, Any] = {}
+    for k, v in {**new_d, **{k: old_d[k] for k in restart}}.items():
+        node = merged
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return from_dict(merged), applied, restart
 
 
 def to_toml(cfg: Config) -> str:

@@ -54,6 +54,20 @@ class Metrics:
             registry=r,
         )
         self.acks = Counter("wingbeat_acks_sent_total", "Acknowledgements sent, by status.", ["status"], registry=r)
+        self.acks_undelivered = Counter(
+            "wingbeat_acks_undelivered_total",
+            "Acknowledgements ROUTER could not deliver (the sender is gone, or its queue is full); it resends.",
+            ["reason"],
+            registry=r,
+        )
+        self.plain_dropped = Counter(
+            "wingbeat_plain_dropped_total",
+            "Events received on the plain (PULL) endpoint and lost to a failed commit: nobody resends them.",
+            registry=r,
+        )
+        self.subscriptions = Gauge(
+            "wingbeat_subscriptions", "Live subscriptions on the publish socket (heartbeats cut hung ones).", registry=r
+        )
         self.published = Counter("wingbeat_outputs_published_total", "Outputs published.", registry=r)
         self.publish_dropped = Counter(
             "wingbeat_publish_dropped_total",
@@ -156,6 +170,8 @@ class Metrics:
             self.received.labels(endpoint)
         for status in ("stored", "duplicate", "rejected"):
             self.acks.labels(status)
+        for reason in ("peer_gone", "queue_full", "error"):
+            self.acks_undelivered.labels(reason)
         for kind in ("first", "finetune", "full"):
             for outcome in ("accepted", "rejected", "failed"):
                 self.train_runs.labels(kind, outcome)

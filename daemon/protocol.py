@@ -188,5 +188,36 @@ def decode_ack(frames: list[bytes]) -> dict[str, Any] | None:
     return body
 
 
-def encode_output(output: dict[str, Any]) -> list[bytes]:
-    return [f"cluster.{output['sensor']}".encode(), json.dumps({"v": VERSION, **output}).encode()]
+@dataclass(frozen=True)
+class Output:
+    """One event's output: built once (``daemon.pipeline.outputs``), stored, read back for a republish and sent
+    with the same fields. ``rec_error`` is kept in the store for drift; the wire does not carry it."""
+
+    event_id: int
+    sensor: str
+    seq: int
+    t0_ns: int
+    model_version: int
+    cluster: int  # stable ID, −1 = novel / unknown
+    probability: float
+    novelty: float
+    rec_error: float
+    latent: tuple[float, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "event_id": self.event_id,
+            "sensor": self.sensor,
+            "seq": self.seq,
+            "t0_ns": self.t0_ns,
+            "latent": list(self.latent),
+            "cluster": self.cluster,
+            "probability": self.probability,
+            "novelty": self.novelty,
+            "model_version": self.model_version,
+        }
+
+
+def encode_output(output: Output) -> list[bytes]:
+    return [f"cluster.{output.sensor}".encode(), json.dumps(output.to_wire()).encode()]

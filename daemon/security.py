@@ -147,3 +147,11 @@ def _quiet() -> logging.Logger:
     log = logging.getLogger("wingbeat.zap")
     log.setLevel(logging.WARNING)
     return log
+
+
+def loopback(endpoint: str) -> bool:
+    """Whether a ZeroMQ endpoint is reachable from this host only (ipc/inproc, or tcp on a loopback address)."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")

@@ -16,9 +16,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from daemon.protocol import Event, Output
 
 SCHEMA_VERSION = 2
 DB_NAME = "wingbeat.sqlite"
@@ -90,34 +92,28 @@ class StoreError(RuntimeError):
     pass
 
 
-@dataclass
-class NewEvent:
-    sensor: str
-    seq: int
-    t0_ns: int
-    fs: float
-    dtype: str
-    channels: int
-    n_samples: int
-    label: str
-    meta: dict[str, Any]
-    samples: bytes
-    features: np.ndarray  # float32 (channels, bins)
+class Quarantined(NamedTuple):
+    """A rejected message as the quarantine table keeps it."""
+
+    reason: str
+    detail: str
+    sensor: str | None
+    seq: int | None
+    frames: bytes  # the message's frames joined by NUL, capped
+    endpoint: str  # "ack" (ROUTER) or "plain" (PULL)
 
 
-@dataclass
-class Output:
-    event_id: int
-    model_version: int
-    cluster: int
-    probability: float
-    novelty: float
-    rec_error: float
-    latent: list[float]
+@dataclass(frozen=True)
+class Pending:
+    """Stored events without an output, oldest first: what an output needs of them, and their features."""
+
+    events: list[tuple[int, str, int, int]]  # (event ID, sensor, seq, t0_ns)
+    x: np.ndarray  # (events, n_features) float32; zeros where not ``ok``
+    ok: np.ndarray  # (events,) bool: the features have the model's ``n_features`` values
 
 
 def _output_row(o: Output, event_id: int) -> tuple[Any, ...]:
-    return (event_id, o.model_version, o.cluster, o.probability, o.novelty, o.rec_error, json.dumps(o.latent))
+    return (event_id, o.model_version, o.cluster, o.probability, o.novelty, o.rec_error, json.dumps(list(o.latent)))
 
 
 class Checkpointer(threading.Thread):
@@ -234,13 +230,15 @@ class Store:
     # ---- ingest -------------------------------------------------------------------------------------------
     def ingest(
         self,
-        events: list[NewEvent],
-        rejects: list[tuple[str, str, str | None, int | None, bytes, str]],
+        events: list[Event],
+        features: list[np.ndarray],
+        rejects: list[Quarantined],
         keep_raw: bool,
         outputs: list[Output] | None = None,
         mark_published: list[int] | None = None,
     ) -> list[int]:
-        """Store a batch of new events (with features) and rejected messages in one transaction; return event IDs.
+        """Store a batch of new events with their features (channels, bins) and rejected messages in one
+        transaction; return event IDs.
 
         Events whose (sensor, seq) is stored already are skipped (their ID is -1). ``outputs`` (one per event,
         ``event_id`` ignored) are stored with the events they belong to, and ``mark_published`` outputs are
@@ -249,7 +247,7 @@ class Store:
         """
         now = time.time_ns()
         ids: list[int] = []
-        features: list[tuple[int, bytes]] = []
+        feature_rows: list[tuple[int, bytes]] = []
         raw: list[tuple[int, bytes]] = []
         out_rows: list[tuple[Any, ...]] = []
         added = 0
@@ -265,7 +263,7 @@ class Store:
                         e.fs,
                         e.dtype,
                         e.channels,
-                        e.n_samples,
+                        int(e.samples.shape[-1]),
                         e.label,
                         json.dumps(e.meta),
                         now,
@@ -276,20 +274,21 @@ class Store:
                     continue
                 eid = int(cur.lastrowid or 0)
                 ids.append(eid)
-                features.append((eid, np.ascontiguousarray(e.features, np.float32).tobytes()))
+                feature_rows.append((eid, np.ascontiguousarray(features[k], np.float32).tobytes()))
                 if keep_raw:
-                    raw.append((eid, e.samples))
-                    added += len(e.samples)
+                    samples = e.samples.tobytes()
+                    raw.append((eid, samples))
+                    added += len(samples)
                 if outputs is not None:
                     out_rows.append(_output_row(outputs[k], eid))
-            self.db.executemany("INSERT INTO features VALUES (?, ?)", features)
+            self.db.executemany("INSERT INTO features VALUES (?, ?)", feature_rows)
             self.db.executemany("INSERT INTO raw VALUES (?, ?)", raw)
             self.db.executemany(INSERT_OUTPUT, out_rows)
             self.db.executemany(MARK_PUBLISHED, [(i,) for i in mark_published or []])
             self.db.executemany(
                 "INSERT INTO quarantine (received_ns, reason, detail, sensor, seq, frames, endpoint)"
                 " VALUES (?,?,?,?,?,?,?)",
-                [(now, *r) for r in rejects],
+                [(now, *q) for q in rejects],
             )
         if self._raw_bytes is not None:
             self._raw_bytes += added
@@ -299,21 +298,21 @@ class Store:
     def last_output_id(self) -> int:
         return int(self.db.execute("SELECT coalesce(max(event_id), 0) FROM outputs").fetchone()[0])
 
-    def pending(self, limit: int, n_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Event IDs without an output, oldest first, their features (events, n_features), and which of them have
-        ``n_features`` values (events of another channel count than the model's do not)."""
+    def pending(self, limit: int, n_features: int) -> Pending:
+        """Up to ``limit`` stored events without an output, oldest first, with their features; those without
+        ``n_features`` values (another channel count than the model's) are not ``ok``."""
         rows = self.db.execute(
-            "SELECT event_id, data FROM features WHERE event_id > ? ORDER BY event_id LIMIT ?",
+            "SELECT f.event_id, e.sensor, e.seq, e.t0_ns, f.data FROM features f JOIN events e ON e.id = f.event_id"
+            " WHERE f.event_id > ? ORDER BY f.event_id LIMIT ?",
             (self.last_output_id(), limit),
         ).fetchall()
-        ids = np.array([r[0] for r in rows], dtype=np.int64)
         x = np.zeros((len(rows), n_features), np.float32)
         ok = np.zeros(len(rows), dtype=bool)
         for i, r in enumerate(rows):
-            v = np.frombuffer(r[1], np.float32)
+            v = np.frombuffer(r[4], np.float32)
             if v.size == n_features:
                 x[i], ok[i] = v, True
-        return ids, x, ok
+        return Pending([(r[0], r[1], r[2], r[3]) for r in rows], x, ok)
 
     def add_outputs(self, outputs: list[Output], mark_published: list[int] | None = None) -> None:
         """Store outputs and, in the same transaction, mark earlier ones as published."""
@@ -321,28 +320,15 @@ class Store:
             self.db.executemany(INSERT_OUTPUT, [_output_row(o, o.event_id) for o in outputs])
             self.db.executemany(MARK_PUBLISHED, [(i,) for i in mark_published or []])
 
-    def unpublished(self, limit: int, after_id: int = 0) -> list[dict[str, Any]]:
+    def unpublished(self, limit: int, after_id: int = 0) -> list[Output]:
         """Outputs not yet marked published, oldest first, with event IDs above ``after_id``."""
         rows = self.db.execute(
-            "SELECT o.event_id, e.sensor, e.seq, e.t0_ns, o.latent, o.cluster, o.probability, o.novelty,"
-            " o.model_version FROM outputs o JOIN events e ON e.id = o.event_id WHERE o.published = 0"
+            "SELECT o.event_id, e.sensor, e.seq, e.t0_ns, o.model_version, o.cluster, o.probability, o.novelty,"
+            " o.rec_error, o.latent FROM outputs o JOIN events e ON e.id = o.event_id WHERE o.published = 0"
             " AND o.event_id > ? ORDER BY o.event_id LIMIT ?",
             (after_id, limit),
         ).fetchall()
-        return [
-            {
-                "event_id": r[0],
-                "sensor": r[1],
-                "seq": r[2],
-                "t0_ns": r[3],
-                "latent": json.loads(r[4]),
-                "cluster": r[5],
-                "probability": r[6],
-                "novelty": r[7],
-                "model_version": r[8],
-            }
-            for r in rows
-        ]
+        return [Output(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], tuple(json.loads(r[9]))) for r in rows]
 
     def mark_published(self, event_ids: list[int]) -> None:
         if event_ids:
@@ -351,6 +337,10 @@ class Store:
     # ---- training data ------------------------------------------------------------------------------------
     def count_events(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM events").fetchone()[0])
+
+    def last_seqs(self) -> dict[str, int]:
+        """The highest stored seq of each sensor."""
+        return dict(self.db.execute("SELECT sensor, max(seq) FROM events GROUP BY sensor").fetchall())
 
     def max_event_id(self) -> int:
         return int(self.db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
@@ -404,6 +394,32 @@ class Store:
                 "INSERT OR REPLACE INTO models VALUES (?,?,?,?,?,?)",
                 (version, status, kind, time.time_ns(), json.dumps(metrics, default=str), reason),
             )
+
+    def claim_version(self, at_least: int, kind: str) -> int:
+        """The next model version number, claimed in one transaction (a ``training`` row): never above
+        ``at_least`` − 1 (what is on disk) nor any recorded version, and never handed out twice, even to a
+        daemon started after this one was killed mid-training."""
+        with self._tx():
+            top = int(self.db.execute("SELECT coalesce(max(version), 0) FROM models").fetchone()[0])
+            n = max(top + 1, at_least)
+            self.db.execute("INSERT INTO models VALUES (?, 'training', ?, ?, '{}', '')", (n, kind, time.time_ns()))
+        return n
+
+    def abandon_claims(self, reason: str) -> list[int]:
+        """Mark versions still claimed for a training as failed (their trainer is gone); return them."""
+        with self._tx():
+            gone = [v for (v,) in self.db.execute("SELECT version FROM models WHERE status = 'training'")]
+            self.db.execute("UPDATE models SET status = 'failed', reason = ? WHERE status = 'training'", (reason,))
+        return gone
+
+    def feature_config(self) -> dict[str, Any] | None:
+        """How the stored features were made (``FeatureConfig`` fields), or None before it was recorded."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'features'").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_feature_config(self, features: dict[str, Any]) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('features', ?)", (json.dumps(features),))
 
     def models(self) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT version, status, kind, created_ns, metrics, reason FROM models ORDER BY version")

@@ -1,12 +1,14 @@
 """The background trainer: its own process, started by the daemon for each training run.
 
-    python -m daemon.trainer --state DIR --version N --kind first|finetune|full --config JSON [--parent DIR]
+    python -m daemon.trainer --state DIR --version N --kind first|finetune|full [--parent DIR] [--parent-pid PID]
+        < the daemon's configuration (JSON of ``Config.to_dict()``, validated again here like a config file)
 
 Reads features from the store (read-only), trains (a fine-tune continues the parent's weights and β schedule),
 fits the latent clusters, gives them the serving model's cluster IDs (Hungarian matching on the events both
 models saw), measures what the gate needs on held-out events, and writes ``models/v<N>`` atomically. It reports
 on stdout, one JSON object per line: ``{"type": "epoch", …}`` per epoch, then ``{"type": "done", …}`` or
-``{"type": "error", "message": …}``. A crash, an OOM kill or a NaN here never touches serving.
+``{"type": "error", "message": …}``. A crash, an OOM kill or a NaN here never touches serving; the trainer runs
+at the lowest CPU priority and dies with the daemon.
 """
 
 from __future__ import annotations
@@ -15,17 +17,48 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.faults import crash_point
+
+if TYPE_CHECKING:
+    from daemon.config import Config
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 KINDS = ("first", "finetune", "full")
+PR_SET_PDEATHSIG = 1
+
+
+def tie_to_parent(parent_pid: int) -> None:
+    """Die with the daemon: SIGKILL when it exits (Linux), and exit now if it is gone already (it may have died
+    between starting this process and this call). A trainer that outlived its daemon would race the next
+    daemon's trainer for the store and the version directories."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux; the parent is still checked between epochs
+    if parent_pid and os.getppid() != parent_pid:
+        raise SystemExit(f"the daemon (pid {parent_pid}) is gone")
+
+
+def lower_priority(idle: bool, nice: int) -> str:
+    """Serving comes first: SCHED_IDLE (the trainer runs only on a core nothing else wants), else ``nice``."""
+    if idle and hasattr(os, "sched_setscheduler"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "idle"
+        except OSError:
+            pass
+    os.nice(nice)
+    return f"nice {nice}"
 
 
 def say(msg_type: str, **fields: Any) -> None:
@@ -41,7 +74,7 @@ def held_out_error(model: Any, x: Any) -> float:
     return float(encode_mu(model, x)[1].double().mean())
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -56,18 +89,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from model.train import TrainConfig, encode_mu
     from model.vae import VAEConfig
 
-    cfg = json.loads(args.config)
-    os.nice(int(cfg.get("nice", 0)))  # serving comes first when the two share a core
-    torch.set_num_threads(int(cfg.get("threads", 1)))
-    device = cfg.get("device", "auto")
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    t = cfg.training
+    torch.set_num_threads(t.threads)
+    dev = torch.device("cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu")
     store = Store(Path(args.state), readonly=True)
     try:
-        ids, x, labels = store.training_set(int(cfg["max_events"]))
+        # The newest half and an even sample of the older events: a fine-tune keeps seeing what came before
+        ids, x, labels = store.training_set(t.max_events, recent=max(1, t.max_events // 2))
         if len(ids) < 16:
             raise ValueError(f"only {len(ids)} events with features in the store; need at least 16")
         parent = read_version(args.parent) if args.parent else None
-        epochs = int(cfg["epochs"])
+        epochs = {"first": t.epochs_first, "finetune": t.epochs_finetune, "full": t.epochs_full}[args.kind]
+        features = FeatureConfig(**(store.feature_config() or {}))
         labelled = labels != ""
         # Small stores early on: batches small enough for a few optimiser steps per epoch (256 over 300 events
         # gives 2 steps, and the warm-up never trains the auto-encoder).
@@ -75,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_cfg = TrainConfig(
             epochs=epochs,
             batch_size=batch,
-            seed=int(cfg.get("seed", 0)) + args.version,
+            seed=t.seed + args.version,
             beta=BetaConfig(warmup=min(25, max(0, epochs // 4))),
             semi_supervised=bool(len(set(labels[labelled])) >= 2),
         )
@@ -100,6 +133,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def on_epoch(s: Any) -> None:
             if s.epoch == 3:
                 crash_point("trainer_epoch")
+            if args.parent_pid and os.getppid() != args.parent_pid:
+                raise SystemExit("the daemon is gone")
             say(
                 "epoch",
                 epoch=s.epoch,
@@ -163,7 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "data": {"store": str(store.path), "first_event": int(ids[0]), "last_event": int(ids[-1])},
         }
         out = Path(args.state) / "models" / f"v{args.version}"
-        write_version(out, pack(built.model, built.clusterer, FeatureConfig(), "recordings", manifest), replace=True)
+        write_version(out, pack(built.model, built.clusterer, features, "recordings", manifest), replace=True)
         del np  # numpy only used through the store
         return {"path": str(out), "version": args.version, "kind": args.kind, "metrics": metrics}
     finally:
@@ -175,11 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state", required=True)
     ap.add_argument("--version", type=int, required=True)
     ap.add_argument("--kind", choices=KINDS, required=True)
-    ap.add_argument("--config", required=True, help="JSON: epochs, max_events, device, threads, seed")
     ap.add_argument("--parent", default="")
+    ap.add_argument("--parent-pid", type=int, default=0, help="the daemon: exit when it is gone")
     args = ap.parse_args(argv)
+    tie_to_parent(args.parent_pid)
     try:
-        done = run(args)
+        from daemon.config import from_dict
+
+        cfg = from_dict(json.loads(sys.stdin.read()))  # the daemon's own, validated again as a file would be
+        lower_priority(cfg.training.idle, cfg.training.nice)
+        done = run(args, cfg)
     except Exception as e:  # reported to the daemon, which logs, counts and backs off
         say("error", message=f"{type(e).__name__}: {e}"[:2000])
         return 1

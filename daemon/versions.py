@@ -1,12 +1,15 @@
-"""Model-version directories on disk: written to a temporary name and renamed into place; read and checked."""
+"""Model-version directories on disk: written to a temporary name and renamed into place; read and checked;
+numbered and owned by ``ModelDir``."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 from daemon.faults import crash_point
+from daemon.store import Store
 from model.checkpoint import FILES, CheckpointError, ModelVersion, unpack
 
 
@@ -70,3 +73,48 @@ def read_version(path: Path | str) -> ModelVersion:
         return unpack(files)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+VERSION_DIR = re.compile(r"v(\d+)")
+
+
+class ModelDir:
+    """The one owner of ``models/v<N>``: numbers are claimed in the store (never reused, never handed out twice),
+    versions are imported, read, and discarded here."""
+
+    def __init__(self, root: Path, store: Store) -> None:
+        self.root = root
+        self.store = store
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, n: int) -> Path:
+        return self.root / f"v{n}"
+
+    def remove_partial(self) -> list[Path]:
+        """Half-written directories of a process killed before its rename."""
+        left = sorted(self.root.glob(".v*"))
+        for p in left:
+            shutil.rmtree(p, ignore_errors=True)
+        return left
+
+    def claim(self, kind: str) -> int:
+        """A fresh version number, recorded as ``training`` in the store in one transaction."""
+        on_disk = [int(m.group(1)) for p in self.root.iterdir() if (m := VERSION_DIR.fullmatch(p.name))]
+        return self.store.claim_version(max([0, *on_disk]) + 1, kind)
+
+    def import_(self, source: Path | str) -> tuple[ModelVersion, int]:
+        """Check ``source`` and copy it in as a newly claimed version."""
+        version = read_version(source)  # a bad directory is said in one line before anything is copied
+        n = self.claim("imported")
+        tmp = self.root / f".v{n}.import"
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        os.replace(tmp, self.path(n))
+        return version, n
+
+    def load(self, n: int) -> ModelVersion:
+        return read_version(self.path(n))
+
+    def discard(self, n: int) -> None:
+        """Remove what a training for version ``n`` left: the version, or its half-written temporary directory."""
+        for p in [self.path(n), *self.root.glob(f".v{n}.*")]:
+            shutil.rmtree(p, ignore_errors=True)

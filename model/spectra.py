@@ -26,6 +26,7 @@ class FeatureError(ValueError):
         super().__init__(f"event {index}: {detail}")
         self.index = index
         self.reason = reason
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,7 @@ def featurise_events(
             out[i] = batch.features[row]
         else:
             err = batch.errors[row]
-            errors[i] = FeatureError(first_index + i, err.reason, str(err).split(": ", 1)[1])
+            errors[i] = FeatureError(first_index + i, err.reason, err.detail)
     ok = np.ones(n, dtype=bool)
     ok[list(errors)] = False
     return FeatureBatch(out, ok, {first_index + i: e for i, e in errors.items()})

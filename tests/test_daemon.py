@@ -218,7 +218,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def test_gate_known_answers():
-    from daemon.service import gate
+    from daemon.supervisor import gate
 
     ok = {"val_rec": 10.9, "parent_val_rec": 10.0, "ari": 0.60, "parent_ari": 0.62}
     assert gate(ok, 0.10, 0.05) == ""  # 9 % worse, 0.02 ARI lower: within both tolerances

@@ -7,6 +7,7 @@ from daemon.protocol import (
     REASONS,
     Event,
     Limits,
+    Output,
     Reject,
     decode_ack,
     decode_ingest,
@@ -120,5 +121,17 @@ def test_ack_and_output_codecs():
     assert decode_ack(encode_ack("s", 3, "stored")) == {"sensor": "s", "seq": 3, "status": "stored"}
     assert decode_ack(encode_ack("s", 3, "rejected", "json"))["reason"] == "json"
     assert decode_ack([b"ack", b"{}"]) is None and decode_ack([b"nope"]) is None
-    topic, body = encode_output({"sensor": "s", "event_id": 1, "cluster": 2})
-    assert topic == b"cluster.s" and json.loads(body)["v"] == 1
+    topic, body = encode_output(Output(1, "s", 7, 99, 3, 2, 0.5, 0.25, 0.125, (1.0, -1.0)))
+    assert topic == b"cluster.s"
+    assert json.loads(body) == {  # DESIGN §2: the reconstruction error stays in the store
+        "v": 1,
+        "event_id": 1,
+        "sensor": "s",
+        "seq": 7,
+        "t0_ns": 99,
+        "latent": [1.0, -1.0],
+        "cluster": 2,
+        "probability": 0.5,
+        "novelty": 0.25,
+        "model_version": 3,
+    }

@@ -17,6 +17,7 @@ from daemon.protocol import (
     REASONS,
     Event,
     Limits,
+    Output,
     Reject,
     decode_ack,
     decode_ingest,
@@ -162,7 +163,7 @@ def test_acks_round_trip(sensor, seq, status, reason):
     st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=8),
 )
 def test_outputs_are_json_on_the_sensor_topic(sensor, event_id, cluster, latent):
-    topic, body = encode_output({"sensor": sensor, "event_id": event_id, "cluster": cluster, "latent": latent})
+    topic, body = encode_output(Output(event_id, sensor, 0, 0, 1, cluster, 1.0, 0.0, 0.0, tuple(latent)))
     assert topic == f"cluster.{sensor}".encode()
     out = json.loads(body)
     assert out["v"] == 1 and out["event_id"] == event_id and out["cluster"] == cluster and out["latent"] == latent

@@ -5,49 +5,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.store import DB_NAME, SCHEMA_VERSION, NewEvent, Output, Store, StoreError
+from daemon.protocol import Event, Output
+from daemon.store import DB_NAME, SCHEMA_VERSION, Quarantined, Store, StoreError
 
 
-def ev(seq: int, sensor: str = "s1", label: str = "") -> NewEvent:
-    x = np.full((2, 100), seq, np.int16)
-    return NewEvent(
-        sensor,
-        seq,
-        1000 + seq,
-        20800.0,
-        "int16",
-        2,
-        100,
-        label,
-        {"k": seq},
-        x.tobytes(),
-        np.full((2, 4), seq / 10, np.float32),
-    )
+def ev(seq: int, sensor: str = "s1", label: str = "", n: int = 100) -> Event:
+    return Event(sensor, seq, 1000 + seq, 20800.0, "int16", 2, np.full((2, n), seq, np.int16), label, {"k": seq})
+
+
+def put(st: Store, events: list[Event], rejects: list[tuple], keep_raw: bool) -> list[int]:
+    """Events with features (2 channels × 4 bins of seq / 10), as the serving loop stores them."""
+    feats = [np.full((2, 4), e.seq / 10, np.float32) for e in events]
+    return st.ingest(events, feats, [Quarantined(*r) for r in rejects], keep_raw=keep_raw)
 
 
 def test_round_trip_and_dedup(tmp_path):
     st = Store(tmp_path)
-    ids = st.ingest([ev(0), ev(1)], [("json", "bad", None, None, b"xx", "ack")], keep_raw=True)
+    ids = put(st, [ev(0), ev(1)], [("json", "bad", None, None, b"xx", "ack")], keep_raw=True)
     assert ids == [1, 2]
-    assert st.ingest([ev(1), ev(2)], [], keep_raw=True) == [-1, 3]  # (s1, 1) is stored already
-    pid, x, ok = st.pending(10, 8)
-    assert pid.tolist() == [1, 2, 3] and ok.all() and x[2, 0] == pytest.approx(0.2)
-    st.add_outputs([Output(1, 1, 4, 0.9, 0.1, 0.5, [0.5, -0.5])])
-    assert st.pending(10, 8)[0].tolist() == [2, 3]
-    rows = st.unpublished(10)
-    assert rows == [
-        {
-            "event_id": 1,
-            "sensor": "s1",
-            "seq": 0,
-            "t0_ns": 1000,
-            "latent": [0.5, -0.5],
-            "cluster": 4,
-            "probability": 0.9,
-            "novelty": 0.1,
-            "model_version": 1,
-        }
-    ]
+    assert put(st, [ev(1), ev(2)], [], keep_raw=True) == [-1, 3]  # (s1, 1) is stored already
+    p = st.pending(10, 8)
+    assert p.events == [(1, "s1", 0, 1000), (2, "s1", 1, 1001), (3, "s1", 2, 1002)]
+    assert p.ok.all() and p.x[2, 0] == pytest.approx(0.2)
+    assert st.pending(10, 6).ok.tolist() == [False] * 3  # features of another size than the model's
+    out = Output(1, "s1", 0, 1000, 1, 4, 0.9, 0.1, 0.5, (0.5, -0.5))
+    st.add_outputs([out])
+    assert [e[0] for e in st.pending(10, 8).events] == [2, 3]
+    assert st.unpublished(10) == [out]  # the same record back, field for field
     st.mark_published([1])
     assert st.unpublished(10) == []
     s = st.summary()
@@ -61,13 +45,13 @@ def test_a_failed_batch_stores_nothing(tmp_path):
     st = Store(tmp_path)
     st.db.execute("CREATE TRIGGER boom BEFORE INSERT ON raw WHEN NEW.event_id = 2 BEGIN SELECT RAISE(ABORT, 'x'); END")
     with pytest.raises(sqlite3.DatabaseError):
-        st.ingest([ev(0), ev(1)], [], keep_raw=True)
+        put(st, [ev(0), ev(1)], [], keep_raw=True)
     assert st.count_events() == 0  # nothing of the batch, so nothing of it may be acked
 
 
 def test_retention_drops_oldest_raw_only(tmp_path):
     st = Store(tmp_path)
-    st.ingest([ev(i) for i in range(10)], [], keep_raw=True)
+    put(st, [ev(i) for i in range(10)], [], keep_raw=True)
     per = 2 * 100 * 2
     assert st.raw_bytes() == 10 * per
     assert st.prune_raw(None, 4 * per) == 6
@@ -79,7 +63,7 @@ def test_retention_drops_oldest_raw_only(tmp_path):
 
 def test_training_set_mixes_recent_and_older(tmp_path):
     st = Store(tmp_path)
-    st.ingest([ev(i, label="a" if i % 2 else "") for i in range(100)], [], keep_raw=False)
+    put(st, [ev(i, label="a" if i % 2 else "") for i in range(100)], [], keep_raw=False)
     ids, x, labels = st.training_set(limit=30, recent=10)
     assert len(ids) == 30 and ids[-10:].tolist() == list(range(91, 101))
     assert ids[0] == 1 and np.all(np.diff(ids) > 0)
@@ -114,12 +98,12 @@ def test_a_schema_1_store_migrates_with_a_backup_and_loses_nothing(tmp_path):
     assert old.execute("SELECT value FROM meta").fetchone() == ("1",)
     s = st.summary()
     assert s["events"] == 30 and s["outputs"] == 20 and s["quarantine"] == {"json": 1, "length": 1}
-    assert [r["event_id"] for r in st.unpublished(100)] == [16, 17, 18, 19, 20]
+    assert [o.event_id for o in st.unpublished(100)] == [16, 17, 18, 19, 20]
     assert st.integrity_ok()
     q = st.db.execute("SELECT reason, endpoint FROM quarantine ORDER BY id").fetchall()
     assert q == [("json", ""), ("length", "")]  # rows from before the column say so
     # and the migrated store takes new input as usual, in the new shape
-    assert st.ingest([ev(100)], [("json", "bad", None, None, b"x", "plain")], keep_raw=True) == [31]
+    assert put(st, [ev(100)], [("json", "bad", None, None, b"x", "plain")], keep_raw=True) == [31]
     assert st.db.execute("SELECT endpoint FROM quarantine ORDER BY id DESC").fetchone() == ("plain",)
     st.close()
     assert Store(tmp_path).migrated is None  # once
@@ -139,16 +123,15 @@ def test_a_failed_migration_leaves_the_old_store_as_it_was(tmp_path, monkeypatch
 
 
 def test_checkpoint_thread_keeps_the_wal_small_and_leaves_it_empty(tmp_path):
-    import dataclasses
     import time
 
-    big = [dataclasses.replace(ev(i), samples=bytes(25_000)) for i in range(400)]  # 10 MB of raw samples
+    big = [ev(i, n=6_250) for i in range(400)]  # 10 MB of raw samples
     wal = tmp_path / f"{DB_NAME}-wal"
     st = Store(tmp_path, checkpoint_every_s=0.02)
     assert st.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 16384  # the writer's own: a backstop
     sizes = []
     for i in range(0, 400, 20):
-        st.ingest(big[i : i + 20], [], keep_raw=True)
+        put(st, big[i : i + 20], [], keep_raw=True)
         time.sleep(0.03)
         sizes.append(wal.stat().st_size)
     deadline = time.monotonic() + 10

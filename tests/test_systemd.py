@@ -30,8 +30,9 @@ from harness import CONFIG, ROOT, Daemon, wait_for
 from daemon.config import Config, Ingest, Publish
 from daemon.config import Metrics as M
 from daemon.protocol import Event, decode_ack, encode_ingest
-from daemon.service import Service, watchdog_interval
+from daemon.service import Service
 from daemon.store import DB_NAME, Store
+from daemon.systemd import watchdog_interval
 
 UNIT = ROOT / "systemd" / "wingbeat.service"
 
@@ -316,13 +317,13 @@ def test_no_watchdog_while_store_commits_fail_unless_the_disk_is_full(tmp_path, 
     )
     svc.bind()  # real sockets on free ports, as the loop has them
     svc.store.close()
-    svc.store = Store(state, timeout_s=0.2)
+    svc.store = svc.housekeeper.store = Store(state, timeout_s=0.2)
     lock = sqlite3.connect(state / DB_NAME, isolation_level=None, timeout=5)
 
     def steps(seconds: float) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            svc._housekeeping()
+            svc.housekeep()
             time.sleep(0.02)
 
     try:
@@ -336,7 +337,7 @@ def test_no_watchdog_while_store_commits_fail_unless_the_disk_is_full(tmp_path, 
         steps(1.0)
         assert notify.lines("WATCHDOG", since=t_failing) == []
         assert svc.metrics.loop_heartbeat._value.get() == beat  # /healthz goes 503 after 10 s of this
-        assert "store failing" in svc._status_line()
+        assert "store failing" in svc.status_line()
         lock.execute("ROLLBACK")
         svc.last_housekeeping = 0.0
         steps(0.5)
@@ -351,14 +352,14 @@ def test_no_watchdog_while_store_commits_fail_unless_the_disk_is_full(tmp_path, 
         steps(0.5)
         assert len(notify.lines("WATCHDOG", since=t_full)) >= 3
         assert svc.metrics.loop_heartbeat._value.get() > time.time() - 1
-        assert "store failing (database or disk is full)" in svc._status_line()
+        assert "store failing (database or disk is full)" in svc.status_line()
     finally:
         if lock.in_transaction:
             lock.execute("ROLLBACK")
         lock.close()
         svc.store.close()
-        for s in svc.sockets:
-            s.close(linger=0)
+        svc.ingest.close()
+        svc.publisher.close()
         svc.ctx.term()
         notify.close()
 

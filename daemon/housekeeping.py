@@ -1,0 +1,70 @@
+"""Housekeeping, every few seconds: free disk space (raw samples stop being kept below a floor), retention of raw
+samples and quarantine rows, store sizes, and the status file that ``wingbeat status`` reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from daemon import logs
+from daemon.config import Config
+from daemon.metrics import Metrics
+from daemon.store import Store
+
+
+class Housekeeper:
+    def __init__(self, state: Path, store: Store, metrics: Metrics) -> None:
+        self.state, self.store, self.metrics = state, store, metrics
+        self.log = logs.get()
+        self.keep_raw = True  # False while the disk is short of space (or a commit failed for it)
+
+    def degrade(self, error: str) -> None:
+        """A commit failed: stop keeping raw samples (the first thing to go when the disk fills)."""
+        self.keep_raw = False
+        self.metrics.raw_paused.set(1)
+        self.log.error("store_degraded", error=error, detail="raw samples are no longer kept")
+
+    def run(self, cfg: Config) -> None:
+        s = cfg.store
+        try:
+            usage = shutil.disk_usage(self.state)
+            free = usage.free
+            self.metrics.disk_size.set(usage.total)
+        except OSError:
+            free = 0
+        self.metrics.disk_free.set(free)
+        self.metrics.raw_limit.set(s.raw_max_bytes)  # here, not at start: a SIGHUP may change them
+        self.metrics.min_free.set(s.min_free_bytes)
+        want_raw = free >= s.min_free_bytes
+        if want_raw != self.keep_raw:
+            self.keep_raw = want_raw
+            self.metrics.raw_paused.set(0 if want_raw else 1)
+            self.log.warning("raw_samples", kept=want_raw, disk_free_bytes=free)
+        try:
+            dropped = self.store.prune_raw(
+                s.raw_max_age_days * 86400 if s.raw_max_age_days > 0 else None, s.raw_max_bytes
+            )
+            if dropped:
+                self.log.info("raw_pruned", events=dropped)
+            self.store.prune_quarantine(cfg.ingest.quarantine_keep)
+        except sqlite3.OperationalError as e:
+            self.metrics.store_errors.labels("retention").inc()
+            self.log.error("retention_failed", error=str(e))
+        self.metrics.store_bytes.set(self.store.file_bytes())
+        self.metrics.raw_bytes.set(self.store.raw_bytes())
+        self.metrics.quarantine.set(self.store.quarantine_count())
+
+    def write_status(self, info: dict[str, Any]) -> None:
+        """What ``wingbeat status`` shows of the running daemon (the store holds the rest)."""
+        info = {"pid": os.getpid(), "updated_ns": time.time_ns(), **info, "raw_kept": self.keep_raw}
+        try:
+            tmp = self.state / ".daemon-status.json.tmp"
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, self.state / "daemon-status.json")
+        except OSError:
+            pass  # a full disk must not stop the loop; the metrics say the same

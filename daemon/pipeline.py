@@ -1,0 +1,199 @@
+"""The pipeline: a decoded micro-batch and the serving model in; rows to store, quarantine rows, acks and outputs
+out. Pure: no sockets, no clock, no SQLite. The serving loop (``daemon.service``) stores what ``process`` returns,
+then gives the new event IDs to ``settle`` for the acks and the outputs to publish.
+
+Featurising (Welch) is the costly step; ``Featuriser`` runs it for batch N+1 in threads while batch N commits
+(numpy and scipy.fft release the GIL), one part per thread.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from daemon.ingest import Decoded, Received
+from daemon.protocol import Event, Output, Reject
+from daemon.store import Quarantined
+from model.checkpoint import ModelVersion
+from model.cluster import NOVEL
+from model.predict import predict
+from model.spectra import FeatureConfig, FeatureError, featurise_events
+
+SPLIT_FROM = 32  # events in a batch from which featurising is split over the featurise threads
+
+
+@dataclass
+class Featurised:
+    """Features of a batch's events by index, and why the others have none."""
+
+    features: dict[int, np.ndarray] = field(default_factory=dict)  # (channels, bins) float32
+    failed: dict[int, FeatureError] = field(default_factory=dict)
+
+    def update(self, other: Featurised) -> None:
+        self.features.update(other.features)
+        self.failed.update(other.failed)
+
+
+def featurise(events: list[tuple[Received, Event]], cfg: FeatureConfig, lo: int, hi: int) -> Featurised:
+    """Features of events ``lo``…``hi``−1 of a batch; one Welch call per channel count."""
+    out = Featurised()
+    by_channels: dict[int, list[int]] = {}
+    for i in range(lo, hi):
+        by_channels.setdefault(events[i][1].channels, []).append(i)
+    for idx in by_channels.values():
+        fb = featurise_events([events[i][1].samples for i in idx], [events[i][1].fs for i in idx], cfg)
+        for row, i in enumerate(idx):
+            if fb.ok[row]:
+                out.features[i] = fb.features[row]
+            else:
+                out.failed[i] = fb.errors[row]
+    return out
+
+
+@dataclass
+class Job:
+    """A decoded batch whose features are being made (in the featurise threads, or made already)."""
+
+    decoded: Decoded
+    parts: list[Future[Featurised]]
+
+    def featurised(self) -> Featurised:
+        out = Featurised()
+        for f in self.parts:
+            out.update(f.result())
+        return out
+
+
+class Featuriser:
+    """``threads`` featurise threads (0 = featurise on the caller's thread). A small batch while nothing else is in
+    flight is featurised at once on the caller's thread: a hand-off to a thread and back only adds latency."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="featurise") if threads > 0 else None
+
+    def start(self, decoded: Decoded, cfg: FeatureConfig, busy: bool) -> Job:
+        events, n = decoded.events, len(decoded.events)
+        if self.pool is not None and (n >= SPLIT_FROM or busy):
+            parts = self.threads if n >= SPLIT_FROM else 1
+            cut = [n * k // parts for k in range(parts + 1)]
+            return Job(decoded, [self.pool.submit(featurise, events, cfg, cut[k], cut[k + 1]) for k in range(parts)])
+        done: Future[Featurised] = Future()
+        done.set_result(featurise(events, cfg, 0, n))
+        return Job(decoded, [done])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class Ack:
+    received: Received
+    sensor: str | None
+    seq: int | None
+    status: str  # stored | duplicate | rejected
+    reason: str = ""
+
+
+@dataclass
+class Processed:
+    """What one batch asks of the store, the senders and the subscribers."""
+
+    events: list[tuple[Received, Event]]  # to store, with …
+    features: list[np.ndarray]  # … their features
+    quarantine: list[Quarantined]
+    acks: list[Ack]  # for rejected messages and in-batch duplicates; the stored ones are acked by ``settle``
+    rejects: list[tuple[Received, Reject]]  # for metrics and logs
+    outputs: list[Output] | None  # one per event (event_id 0 until committed), or None: the backlog path serves
+
+
+def process(
+    job: Decoded,
+    featurised: Featurised,
+    model: ModelVersion | None,
+    version: int,
+    caught_up: bool,
+    frame_cap: int,
+) -> Processed:
+    """Split a featurised batch into what to store and what to refuse, and predict its outputs when a model
+    serves and nothing older waits for one (``caught_up``): then the outputs are stored with the events."""
+    rejects = list(job.rejects)
+    events: list[tuple[Received, Event]] = []
+    feats: list[np.ndarray] = []
+    for i, (r, e) in enumerate(job.events):
+        err = featurised.failed.get(i)
+        if err is not None:
+            rejects.append((r, Reject("featurise", err.detail, e.sensor, e.seq)))
+        else:
+            events.append((r, e))
+            feats.append(featurised.features[i])
+    quarantine = [
+        Quarantined(
+            j.reason, j.detail, j.sensor, j.seq, b"\x00".join(f[:frame_cap] for f in r.frames)[:frame_cap], r.endpoint
+        )
+        for r, j in rejects
+    ]
+    acks = [Ack(r, j.sensor, j.seq, "rejected", j.reason) for r, j in rejects]
+    acks += [Ack(r, e.sensor, e.seq, "duplicate") for r, e in job.duplicates]
+    outputs = None
+    if model is not None and caught_up and events and all(f.size == model.model.cfg.n_in for f in feats):
+        info = [(0, e.sensor, e.seq, e.t0_ns) for _, e in events]
+        outputs = outputs_for(model, version, info, np.stack([f.reshape(-1) for f in feats]), np.ones(len(feats), bool))
+    return Processed(events, feats, quarantine, acks, rejects, outputs)
+
+
+@dataclass
+class Settled:
+    stored: list[tuple[Received, Event, int]]  # newly stored events with their IDs
+    acks: list[Ack]  # every ack of the batch
+    outputs: list[Output]  # outputs stored with the batch, with their event IDs
+
+
+def settle(p: Processed, ids: list[int]) -> Settled:
+    """After the commit: ID −1 means the store had that ``(sensor, seq)`` already (a resend)."""
+    stored: list[tuple[Received, Event, int]] = []
+    acks = list(p.acks)
+    outputs: list[Output] = []
+    for k, ((r, e), eid) in enumerate(zip(p.events, ids, strict=True)):
+        if eid < 0:
+            acks.append(Ack(r, e.sensor, e.seq, "duplicate"))
+            continue
+        stored.append((r, e, eid))
+        acks.append(Ack(r, e.sensor, e.seq, "stored"))
+        if p.outputs is not None:
+            outputs.append(replace(p.outputs[k], event_id=eid))
+    return Settled(stored, acks, outputs)
+
+
+def outputs_for(
+    model: ModelVersion, version: int, events: list[tuple[int, str, int, int]], x: np.ndarray, ok: np.ndarray
+) -> list[Output]:
+    """The one place outputs are built, live and for the backlog. ``events``: (event ID, sensor, seq, t0_ns);
+    ``x``: (events, n_in) features; events not ``ok`` (features of another channel count than the model's) get
+    no cluster."""
+    pred = predict(model, x[ok]) if ok.any() else None
+    out: list[Output] = []
+    j = 0
+    for (eid, sensor, seq, t0), good in zip(events, ok.tolist(), strict=True):
+        if good and pred is not None:
+            out.append(
+                Output(
+                    eid,
+                    sensor,
+                    seq,
+                    t0,
+                    version,
+                    int(pred.cluster[j]),
+                    float(pred.probability[j]),
+                    float(pred.novelty[j]),
+                    float(pred.rec_error[j]),
+                    tuple(pred.latent[j].tolist()),
+                )
+            )
+            j += 1
+        else:
+            out.append(Output(eid, sensor, seq, t0, version, NOVEL, 0.0, 1e9, 1e9, ()))
+    return out

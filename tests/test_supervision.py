@@ -1,0 +1,130 @@
+"""Training supervision end to end, with the real daemon and its real trainer processes: a fine-tune that replays
+older events, a version the gate refuses (the old one keeps serving), configuration that reaches the trainer and
+takes effect on SIGHUP, and a trainer that dies with a SIGKILLed daemon without racing its successor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from harness import CONFIG, Daemon, Subscriber, cli, simulate, wait_for
+
+from daemon.clients import events_of, replay
+from daemon.datasets import read_recordings
+from daemon.store import Store
+from daemon.versions import read_version
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory) -> Path:
+    return simulate(tmp_path_factory, 420, 3, 5)
+
+
+def models(state: Path) -> dict[int, dict]:
+    st = Store(state, readonly=True)
+    try:
+        return {m["version"]: m for m in st.models()}
+    finally:
+        st.close()
+
+
+def send(d: Daemon, sim: Path, start: int, stop: int) -> None:
+    rec = read_recordings(sim)
+    events = [e for i, e in enumerate(events_of(rec, "s", 0, False)) if start <= i < stop]
+    res = replay(iter(events), d.ingest, window=64, ack_timeout_s=10, give_up_s=60)
+    assert (res.acked, res.unacked) == (stop - start, 0)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+def test_a_fine_tune_replays_older_events_and_the_gate_keeps_a_worse_version_out(tmp_path, sim):
+    conf = tmp_path / "c.toml"
+    base = CONFIG.replace("first_after = 240", "first_after = 200").replace("finetune_every_events = 100000", "")
+    base = base.replace("gate_rec_tolerance = 1.0", "")
+    conf.write_text(base + "finetune_every_events = 100\nmax_events = 200\ngate_rec_tolerance = 0.5\n")
+    d = Daemon(tmp_path / "state", conf)
+    try:
+        send(d, sim, 0, 200)
+        wait_for(lambda: d.status()["serving"] == 1, timeout=180, every=1)
+        send(d, sim, 200, 300)  # 100 new events: a fine-tune of version 1
+        wait_for(lambda: d.status()["serving"] == 2, timeout=180, every=1)
+        v2 = read_version(d.state / "models" / "v2")
+        assert v2.manifest["kind"] == "finetune" and v2.manifest["parent"] == 1
+        # 200 events per training: the newest 100 and an even sample of the 200 before them, from the first on
+        assert v2.manifest["data"]["first_event"] == 1 and v2.manifest["data"]["last_event"] == 300
+        assert v2.manifest["gate_metrics"]["events"] == 200
+
+        # SIGHUP: a gate that tolerates nothing, and a full retrain of 1 epoch — worse than the serving model
+        conf.write_text(conf.read_text().replace("gate_rec_tolerance = 0.5", "gate_rec_tolerance = 0.0"))
+        conf.write_text(conf.read_text().replace("epochs_full = 60", "epochs_full = 1"))
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: [e for e in d.events() if e.get("event") == "reloaded"], timeout=30)
+        assert cli("retrain", "--state", str(d.state)).returncode == 0
+        wait_for(lambda: models(d.state).get(3, {}).get("status") == "rejected", timeout=180, every=1)
+        m = models(d.state)
+        assert m[3]["kind"] == "full" and "held-out reconstruction error" in m[3]["reason"]
+        assert m[2]["status"] == "serving" and d.status()["serving"] == 2
+        assert not (d.state / "models" / "v3").exists() or read_version(d.state / "models" / "v3")
+        rejected = [e for e in d.events() if e.get("event") == "model_rejected"]
+        assert rejected and rejected[0]["model_version"] == 3 and rejected[0]["serving"] == 2
+
+        sub = Subscriber(d.publish)
+        time.sleep(0.5)
+        send(d, sim, 300, 320)  # the old version still serves what comes now
+        got = sub.drain(20, timeout=60)
+        assert len(got) == 20 and {g["model_version"] for g in got} == {2}
+    finally:
+        d.stop()
+
+
+def test_the_trainer_gets_the_daemons_validated_config(tmp_path, sim):
+    """What the trainer trains with comes from the daemon's config objects: epochs, seed and max_events here."""
+    conf = tmp_path / "c.toml"
+    conf.write_text(CONFIG + "epochs_first = 7\nmax_events = 150\nseed = 11\n")
+    d = Daemon(tmp_path / "state", conf)
+    try:
+        send(d, sim, 0, 240)
+        wait_for(lambda: d.status()["serving"] == 1, timeout=180, every=1)
+        v1 = read_version(d.state / "models" / "v1")
+        assert len(v1.manifest["history"]["beta"]) == 7
+        assert v1.manifest["gate_metrics"]["events"] == 150
+        assert v1.manifest["train"]["seed"] == 11 + 1  # the config's seed plus the version number
+    finally:
+        d.stop()
+
+
+def test_a_trainer_dies_with_a_killed_daemon_and_its_number_is_never_reused(tmp_path, sim):
+    conf = tmp_path / "c.toml"
+    conf.write_text(CONFIG.replace("epochs_first = 60", "epochs_first = 100000"))
+    d = Daemon(tmp_path / "state", conf)
+    send(d, sim, 0, 240)
+    started = wait_for(lambda: [e for e in d.events() if e.get("event") == "training_started"], timeout=60)
+    pid = started[0]["pid"]
+    assert started[0]["model_version"] == 1 and alive(pid)
+    wait_for(lambda: [e for e in d.events() if e.get("event") == "training_epoch"], timeout=60)
+    assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+    wait_for(lambda: not alive(pid), timeout=10, every=0.1)  # no orphan left to write v1 behind our back
+
+    conf.write_text(CONFIG)
+    d2 = Daemon(tmp_path / "state", conf)
+    try:
+        wait_for(lambda: d2.status()["serving"] == 2, timeout=180, every=1)
+        m = models(d2.state)
+        assert m[1]["status"] == "failed" and "stopped during this training" in m[1]["reason"]
+        assert m[2]["status"] == "serving" and not (d2.state / "models" / "v1").exists()
+    finally:
+        d2.stop()
+    assert not any(json.loads(p.read_text()).get("pid") == pid for p in [d2.state / "endpoints.json"])
+    assert os.path.exists(d2.state / "models" / "v2")
