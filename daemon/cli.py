@@ -347,7 +347,9 @@ def replay(
     start_seq: Annotated[int, typer.Option(min=0, help="First sequence number.")] = 0,
     window: Annotated[int, typer.Option(min=1, help="Events in flight without an ack.")] = 256,
     ack_timeout: Annotated[float, typer.Option(min=0.01, help="Seconds before an unacked event is resent.")] = 5.0,
-    give_up: Annotated[float, typer.Option(min=0.1, help="Seconds without any ack before giving up.")] = 120.0,
+    give_up: Annotated[
+        float, typer.Option(min=0.1, help="Seconds without an ack before giving up (holds with no daemon).")
+    ] = 120.0,
     client_key: ClientKey = None,
     server_key: ServerKey = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

@@ -22,10 +22,24 @@ DTYPE_NAMES = {np.dtype(n): n for n in ("int16", "uint16", "int32", "float32", "
 
 @dataclass
 class ReplayResult:
+    """What one ``replay`` did, counted in events (one event is one ``(sensor, seq)``).
+
+    sent : events ZeroMQ accepted at least once. A send is never allowed to block: an event ZeroMQ refuses (its
+        send queue full, e.g. no daemon to take it) is not sent; it is kept and offered again later.
+    acked : events the daemon acknowledged as stored; ``duplicates`` of them were stored before.
+    resent : extra copies ZeroMQ accepted after ``ack_timeout_s`` without an ack.
+    deferred : sends ZeroMQ refused with its queue full (each is offered again later; none blocked).
+    rejected : events the daemon refused, by reason (never resent).
+    unacked : events taken from the source and neither acked nor rejected when ``replay`` returned, whether sent
+        or still waiting for ZeroMQ to accept them; events never taken from the source are not counted.
+    seconds : wall time of the whole replay.
+    """
+
     sent: int = 0
     acked: int = 0
     resent: int = 0
     duplicates: int = 0
+    deferred: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     unacked: int = 0
     seconds: float = 0.0
@@ -40,6 +54,7 @@ class ReplayResult:
             "acked": self.acked,
             "resent": self.resent,
             "duplicates": self.duplicates,
+            "deferred": self.deferred,
             "rejected": self.rejected,
             "unacked": self.unacked,
             "seconds": round(self.seconds, 3),
@@ -82,6 +97,15 @@ def events_of(rec: Recordings, sensor: str, start_seq: int, sensor_from_file: bo
         yield Event(name, seq, t0, float(rec.fs[i]), dtype, int(x.shape[0]), x, str(rec.label[i]))
 
 
+def _offer(sock: zmq.Socket[bytes], frames: list[bytes]) -> bool:
+    """Hand ``frames`` to ZeroMQ without waiting: False when its send queue is full (nothing was queued)."""
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK)
+    except zmq.Again:
+        return False
+    return True
+
+
 def replay(
     events: Iterator[Event],
     endpoint: str,
@@ -95,72 +119,97 @@ def replay(
     """Send ``events``; keep at most ``window`` unacked; resend any unacked after ``ack_timeout_s``.
 
     Returns when every event is acked (or rejected: resending a rejected event cannot help), or when no ack has
-    come for ``give_up_s`` (the rest count as unacked). ``rate`` > 0 paces sending (events per second).
-    ``on_ack(body, seconds since first send)`` sees each ack. ``curve``: connect with these keys.
+    come for ``give_up_s`` seconds (the rest count as unacked). No send blocks: with no daemon, or with ZeroMQ's
+    send queue full of resends, an event waits here (still unacked, not yet sent) while the give-up clock runs.
+    ``rate`` > 0 paces sending (events per second). ``on_ack(body, seconds since first send)`` sees each event's
+    first ack. ``curve``: connect with these keys. See ``ReplayResult`` for what is counted.
     """
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    if not ack_timeout_s > 0:
+        raise ValueError(f"ack_timeout_s must be > 0 seconds, got {ack_timeout_s}")
+    if not give_up_s > 0:
+        raise ValueError(f"give_up_s must be > 0 seconds, got {give_up_s}")
+    if not rate >= 0:
+        raise ValueError(f"rate must be >= 0 events per second, got {rate}")
     sock = _socket(zmq.DEALER, curve)
     sock.connect(endpoint)
     res = ReplayResult()
+    # (sensor, seq) -> (frames, first send, last send), ordered by last send: only the oldest can be due
     inflight: OrderedDict[tuple[str, int], tuple[list[bytes], float, float]] = OrderedDict()
+    held: tuple[tuple[str, int], list[bytes]] | None = None  # taken from the source, not yet accepted by ZeroMQ
     source = iter(events)
     exhausted = False
     start = time.monotonic()
     last_progress = start
     next_send = start
+    blocked = False  # ZeroMQ refused a send on the last turn: wait for it to take more (POLLOUT) as well as acks
     try:
-        while not exhausted or inflight:
+        while not exhausted or inflight or held is not None:
             now = time.monotonic()
-            while not exhausted and len(inflight) < window and (rate <= 0 or now >= next_send):
-                try:
-                    ev = next(source)
-                except StopIteration:
-                    exhausted = True
-                    break
-                frames = encode_ingest(ev)
-                sock.send_multipart(frames)
-                inflight[(ev.sensor, ev.seq)] = (frames, now, now)
-                res.sent += 1
-                if rate > 0:
-                    next_send = max(next_send + 1 / rate, now - 1.0)
-                now = time.monotonic()
-            wait_ms = 50
-            if rate > 0 and not exhausted:
-                wait_ms = int(max(0, min(50, (next_send - time.monotonic()) * 1000)))
-            if sock.poll(wait_ms, zmq.POLLIN):
-                while True:
-                    try:
-                        reply = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
+            if now - last_progress > give_up_s:
+                break
+            blocked = False
+            while len(inflight) < window:
+                if held is None:
+                    if exhausted or (rate > 0 and now < next_send):
                         break
-                    body = decode_ack(reply)
-                    if body is None:
-                        continue
-                    key = (body.get("sensor"), body.get("seq"))
-                    entry = inflight.pop(key, None)  # type: ignore[arg-type]
-                    if entry is None:
-                        continue  # an ack for a resent copy that was acked already
-                    last_progress = time.monotonic()
-                    if body["status"] == "rejected":
-                        reason = str(body.get("reason", "?"))
-                        res.rejected[reason] = res.rejected.get(reason, 0) + 1
-                    else:
-                        res.acked += 1
-                        res.duplicates += body["status"] == "duplicate"
-                    if on_ack is not None:
-                        on_ack(body, last_progress - entry[1])
-            now = time.monotonic()
-            while inflight:  # ordered by last send time: only the oldest can be due
+                    try:
+                        ev = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    held = ((ev.sensor, ev.seq), encode_ingest(ev))
+                    if rate > 0:
+                        next_send = max(next_send + 1 / rate, now - 1.0)
+                if not _offer(sock, held[1]):
+                    res.deferred += 1
+                    blocked = True
+                    break
+                inflight[held[0]] = (held[1], now, now)
+                held = None
+                res.sent += 1
+                now = time.monotonic()
+            while inflight and not blocked:
                 key, (frames, first, sent_at) = next(iter(inflight.items()))
                 if now - sent_at < ack_timeout_s:
                     break
-                sock.send_multipart(frames)
+                if not _offer(sock, frames):  # stays due; offered again next turn
+                    res.deferred += 1
+                    blocked = True
+                    break
                 inflight.move_to_end(key)
                 inflight[key] = (frames, first, now)
                 res.resent += 1
-            if inflight and now - last_progress > give_up_s:
-                break
+            wait_ms = 50
+            if rate > 0 and not exhausted and held is None:
+                wait_ms = int(max(0, min(50, (next_send - time.monotonic()) * 1000)))
+            ready = sock.poll(wait_ms, zmq.POLLIN | (zmq.POLLOUT if blocked else 0))
+            if not ready & zmq.POLLIN:
+                continue
+            while True:
+                try:
+                    reply = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                body = decode_ack(reply)
+                if body is None:
+                    continue
+                key = (body.get("sensor"), body.get("seq"))  # type: ignore[assignment]
+                entry = inflight.pop(key, None)
+                if entry is None:
+                    continue  # an ack for a resent copy that was acked already
+                last_progress = time.monotonic()
+                if body["status"] == "rejected":
+                    reason = str(body.get("reason", "?"))
+                    res.rejected[reason] = res.rejected.get(reason, 0) + 1
+                else:
+                    res.acked += 1
+                    res.duplicates += body["status"] == "duplicate"
+                if on_ack is not None:
+                    on_ack(body, last_progress - entry[1])
     finally:
-        res.unacked = len(inflight)
+        res.unacked = len(inflight) + (held is not None)
         res.seconds = time.monotonic() - start
         sock.close(linger=0)
     return res
@@ -174,16 +223,27 @@ def tail(
     emit: Callable[[dict[str, Any]], None],
     curve: Curve | None = None,
 ) -> int:
-    """Print outputs as they come; stop after ``count`` (0 = no limit) or ``timeout_s`` without one. Returns count."""
+    """Print outputs as they come; stop after ``count`` (0 = no limit) or ``timeout_s`` seconds without one.
+
+    Returns how many were emitted. Every wait is bounded by what is left of ``timeout_s``; a message that is not
+    a JSON object is skipped and does not restart that clock.
+    """
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
     sock = _socket(zmq.SUB, curve)
     sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
     sock.connect(endpoint)
     n = 0
+    last = time.monotonic()
     try:
         while count <= 0 or n < count:
-            if not sock.poll(int(timeout_s * 1000)):
+            left = timeout_s - (time.monotonic() - last)
+            if left <= 0 or not sock.poll(max(1, int(left * 1000))):
                 break
-            frames = sock.recv_multipart()
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
             try:
                 body = json.loads(frames[-1])
             except ValueError:
@@ -191,6 +251,7 @@ def tail(
             if isinstance(body, dict):
                 emit(body)
                 n += 1
+                last = time.monotonic()
     finally:
         sock.close(linger=0)
     return n
