@@ -68,5 +68,9 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)  # reparameterisation
+        # Reparameterisation noise from torch's CPU generator on every device, moved to mu's: CUDA's generator
+        # draws other numbers for the same seed, so a CUDA training would follow another path than the CPU one.
+        # On the CPU this is the draw randn_like makes; the copy to a GPU is (batch, latent) floats per step.
+        eps = torch.randn(mu.shape, dtype=mu.dtype).to(mu.device)  # (batch, latent)
+        z = mu + eps * torch.exp(0.5 * logvar)
         return self.decode(z), mu, logvar

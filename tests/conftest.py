@@ -19,3 +19,13 @@ def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.skip(f"reference data sets not found at {DATA}")
     return DATA
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests run only where torch sees a CUDA device; elsewhere they are skipped, saying why."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False on this host")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -208,6 +208,24 @@ def test_drift_starts_a_retrain(tmp_path, sim):
         assert d.stop() == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_the_trainer_trains_on_cuda_when_told_to(tmp_path, sim):
+    """A real daemon with ``training.device = "cuda"``: its first version is trained on the GPU and serves."""
+    cfg = tmp_path / "wingbeat.toml"
+    cfg.write_text(CONFIG + 'device = "cuda"\n')  # CONFIG ends in the [training] table
+    d = Daemon(tmp_path / "state", cfg)
+    try:
+        res = replay(events_of(read_recordings(sim), "gpu", 0, False), d.ingest, window=64, give_up_s=60)
+        assert (res.acked, res.unacked, res.rejected) == (320, 0, {})
+        wait_for(lambda: d.status()["serving"] == 1, timeout=240, every=1)
+        manifest = json.loads((d.state / "models" / "v1" / "manifest.json").read_text())
+        assert manifest["gate_metrics"]["device"].startswith("cuda"), manifest["gate_metrics"]
+        wait_for(lambda: d.status()["outputs"] == 320, timeout=60)
+    finally:
+        assert d.stop() == 0
+
+
 def test_replay_says_what_was_not_acked(tmp_path, sim):
     # nothing listens there: every event stays unacked, exit status 1
     r = cli("replay", str(sim), "--connect", "tcp://127.0.0.1:9", "--give-up", "1", "--ack-timeout", "0.5")
