@@ -1,5 +1,6 @@
-"""Housekeeping, every few seconds: free disk space (raw samples stop being kept below a floor), retention of raw
-samples and quarantine rows, store sizes, and the status file that ``wingbeat status`` reads."""
+"""The store's degrade rule, and housekeeping every few seconds: free disk space (raw samples stop being kept
+below a floor), retention of raw samples and quarantine rows, store sizes, and the status file that
+``wingbeat status`` reads."""
 
 from __future__ import annotations
 
@@ -8,13 +9,33 @@ import os
 import shutil
 import sqlite3
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from daemon import logs
 from daemon.config import Config
 from daemon.metrics import Metrics
-from daemon.store import Store
+from daemon.protocol import Event, Output
+from daemon.store import Quarantined, Store
+
+
+class Rate:
+    """Events per second over the last ``n`` batches."""
+
+    def __init__(self, n: int = 64) -> None:
+        self.window: deque[tuple[float, int]] = deque(maxlen=n)
+
+    def add(self, now: float, events: int) -> None:
+        self.window.append((now, events))
+
+    def per_s(self) -> float:
+        if len(self.window) < 2:
+            return 0.0
+        span = self.window[-1][0] - self.window[0][0]
+        return sum(n for _, n in list(self.window)[1:]) / span if span > 0 else 0.0
 
 
 class Housekeeper:
@@ -23,11 +44,27 @@ class Housekeeper:
         self.log = logs.get()
         self.keep_raw = True  # False while the disk is short of space (or a commit failed for it)
 
-    def degrade(self, error: str) -> None:
-        """A commit failed: stop keeping raw samples (the first thing to go when the disk fills)."""
-        self.keep_raw = False
-        self.metrics.raw_paused.set(1)
-        self.log.error("store_degraded", error=error, detail="raw samples are no longer kept")
+    def ingest(
+        self,
+        events: list[Event],
+        features: list[np.ndarray],
+        quarantine: list[Quarantined],
+        outputs: list[Output] | None,
+        marks: list[int],
+    ) -> list[int]:
+        """Store a batch (``Store.ingest``). A failed commit degrades first: raw samples (the first thing to go
+        when the disk fills) are no longer kept, and the batch is tried once more without them. Raises when that
+        fails too: nothing of the batch is stored."""
+        try:
+            return self.store.ingest(events, features, quarantine, self.keep_raw, outputs, marks)
+        except sqlite3.OperationalError as err:
+            self.metrics.store_errors.labels("ingest").inc()
+            if not self.keep_raw:
+                raise
+            self.keep_raw = False
+            self.metrics.raw_paused.set(1)
+            self.log.error("store_degraded", error=str(err), detail="raw samples are no longer kept")
+        return self.store.ingest(events, features, quarantine, False, outputs, marks)
 
     def run(self, cfg: Config) -> None:
         s = cfg.store

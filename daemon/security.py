@@ -18,6 +18,10 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
+from daemon import logs
+from daemon.config import Security as SecurityConfig
+from daemon.metrics import Metrics
+
 
 class KeyFileError(ValueError):
     """A missing or unreadable certificate, said in one line."""
@@ -155,3 +159,51 @@ def loopback(endpoint: str) -> bool:
         return True
     host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class SocketSecurity:
+    """What the daemon does to each socket before ``bind``: CURVE with the allow-list when ``security.curve`` is
+    on (refused handshakes counted and logged), else a warning for an endpoint reachable beyond this host."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], cfg: SecurityConfig, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.log = logs.get()
+        self.refused_log = logs.RateLimited(10.0)
+        self.guard: Guard | None = None
+        if cfg.curve:  # before any socket: a bad key is a start-up error, said in one line
+            self.guard = Guard(ctx, cfg.server_secret_key, cfg.clients_dir, self._refused)
+            self.guard.start()
+
+    def secure(self, sock: zmq.Socket[bytes], name: str, endpoint: str) -> None:
+        if self.guard is not None:
+            self.guard.secure(sock, name)
+        elif not loopback(endpoint):
+            self.log.warning(
+                "insecure_endpoint",
+                socket=name,
+                endpoint=endpoint,
+                detail="reachable beyond this host without CURVE: anyone who can connect can send or read; "
+                "see docs/security.md",
+            )
+
+    def _refused(self, name: str, reason: str, n: int) -> None:
+        self.metrics.refused.labels(name, reason).inc(n)
+        if due := self.refused_log.due((name, reason), n):
+            self.log.warning("connection_refused", socket=name, reason=reason, count=due)
+
+    def drain(self) -> None:
+        if self.guard is not None:
+            self.guard.drain()
+
+    def reload(self) -> None:
+        """SIGHUP: read the allowed client keys again; a bad directory keeps the keys loaded before."""
+        if self.guard is None:
+            return
+        try:
+            self.log.info("client_keys_reloaded", allowed=self.guard.reload_clients())
+        except ValueError as e:
+            self.log.error("client_keys_reload_failed", error=str(e), detail="keeping the keys loaded before")
+
+    def stop(self) -> None:
+        if self.guard is not None:
+            self.guard.stop()

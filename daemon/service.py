@@ -24,13 +24,13 @@ import zmq
 from daemon import logs
 from daemon.config import Config, ConfigError, reload
 from daemon.faults import crash_point
-from daemon.housekeeping import Housekeeper
+from daemon.housekeeping import Housekeeper, Rate
 from daemon.ingest import Ingest, decode_batch
 from daemon.metrics import Metrics, MetricsServer
 from daemon.pipeline import Featuriser, Job, outputs_for, process, settle
 from daemon.protocol import Output
 from daemon.publish import Publisher
-from daemon.security import Guard, loopback
+from daemon.security import SocketSecurity
 from daemon.store import Store
 from daemon.supervisor import Supervisor
 from daemon.systemd import Watchdog, reloading, sd_notify, watchdog_interval
@@ -68,22 +68,19 @@ class Service:
         self.version = 0
         self.n_events = self.store.count_events()  # kept up to date here: count(*) scans the table
         self.jobs: deque[Job] = deque()  # received batches not yet committed, oldest first
-        self.events_window: deque[tuple[float, int]] = deque(maxlen=64)
+        self.rate = Rate()
         self.stop = self.reload = False
         self.watchdog = Watchdog(watchdog_interval(os.environ, os.getpid()))
         self.last_housekeeping = 0.0
-        self.guard: Guard | None = None
-        self.refused_log = logs.RateLimited(10.0)
+        self.security: SocketSecurity | None = None  # at bind
         self.metrics_server: MetricsServer | None = None
 
     # ---- start-up -----------------------------------------------------------------------------------------
     def bind(self) -> None:
         c = self.cfg
-        if c.security.curve:  # before any socket: a bad key is a start-up error, said in one line
-            self.guard = Guard(self.ctx, c.security.server_secret_key, c.security.clients_dir, self._refused)
-            self.guard.start()
-        self.ingest.bind(self._secure)
-        self.publisher.bind(self._secure)
+        self.security = SocketSecurity(self.ctx, c.security, self.metrics)
+        self.ingest.bind(self.security.secure)
+        self.publisher.bind(self.security.secure)
         if c.metrics.listen:
             host, _, port = c.metrics.listen.rpartition(":")
             self.metrics_server = MetricsServer(self.metrics, host.strip("[]"), int(port))
@@ -94,23 +91,6 @@ class Service:
         tmp = self.state / ".endpoints.json.tmp"  # for `status` and tests: ports chosen by the OS included
         tmp.write_text(json.dumps(info))
         os.replace(tmp, self.state / "endpoints.json")
-
-    def _secure(self, sock: zmq.Socket[bytes], name: str, endpoint: str) -> None:
-        if self.guard is not None:
-            self.guard.secure(sock, name)
-        elif not loopback(endpoint):
-            self.log.warning(
-                "insecure_endpoint",
-                socket=name,
-                endpoint=endpoint,
-                detail="reachable beyond this host without CURVE: anyone who can connect can send or read; "
-                "see docs/security.md",
-            )
-
-    def _refused(self, name: str, reason: str, n: int) -> None:
-        self.metrics.refused.labels(name, reason).inc(n)
-        if due := self.refused_log.due((name, reason), n):
-            self.log.warning("connection_refused", socket=name, reason=reason, count=due)
 
     def load_initial_model(self) -> None:
         """``--model`` if given (imported as the next version), else the newest version in the state that loads."""
@@ -169,13 +149,10 @@ class Service:
         self.metrics.beta.set(float(version.manifest.get("beta_schedule", {}).get("beta", 0.0)))
         self.publisher.live_clusters(version.clusterer.ids.tolist())
         self.schedule.serving(float(gm.get("train_rec") or "nan"))
+        ids = version.clusterer.ids.tolist()
+        gm_log = {k: v for k, v in gm.items() if k != "device"}
         self.log.info(
-            "model_serving",
-            model_version=n,
-            how=why,
-            clusters=version.clusterer.k,
-            cluster_ids=version.clusterer.ids.tolist(),
-            **{k: v for k, v in gm.items() if k != "device"},
+            "model_serving", model_version=n, how=why, clusters=version.clusterer.k, cluster_ids=ids, **gm_log
         )
 
     # ---- the loop -----------------------------------------------------------------------------------------
@@ -229,14 +206,7 @@ class Service:
         crash_point("before_commit")
         events = [e for _, e in p.events]
         try:
-            try:
-                ids = self.store.ingest(events, p.features, p.quarantine, self.housekeeper.keep_raw, p.outputs, marks)
-            except sqlite3.OperationalError as err:
-                self.metrics.store_errors.labels("ingest").inc()
-                if not self.housekeeper.keep_raw:
-                    raise
-                self.housekeeper.degrade(str(err))  # degrade first, then try once more
-                ids = self.store.ingest(events, p.features, p.quarantine, False, p.outputs, marks)
+            ids = self.housekeeper.ingest(events, p.features, p.quarantine, p.outputs, marks)
         except sqlite3.OperationalError as err:
             self.publisher.untake(marks)
             plain = sum(r.endpoint == "plain" for r in job.decoded.received)
@@ -254,7 +224,7 @@ class Service:
         s = settle(p, ids)
         self.ingest.committed(s, p.rejects, len(job.decoded.received))
         self.n_events += len(s.stored)
-        self.events_window.append((time.monotonic(), len(s.stored)))
+        self.rate.add(time.monotonic(), len(s.stored))
         for r, _, eid in s.stored:
             self.publisher.arrived(eid, r.t)
         if s.outputs:  # stored with the events: publish now, no second commit, no read-back
@@ -308,15 +278,15 @@ class Service:
         if now - self.last_housekeeping < 2.0:
             return
         self.last_housekeeping = now
-        if self.guard is not None:
-            self.guard.drain()
+        if self.security is not None:
+            self.security.drain()
         self.publisher.read_subscriptions()
         self.housekeeper.run(self.cfg)
         sd_notify(f"STATUS={self.status_line()}")
         run = self.supervisor.run
         self.housekeeper.write_status(
             {
-                "events_per_s": round(self.events_per_s(), 1),
+                "events_per_s": round(self.rate.per_s(), 1),
                 "serving": self.version or None,
                 "training": None
                 if run is None
@@ -325,18 +295,12 @@ class Service:
             }
         )
 
-    def events_per_s(self) -> float:
-        if len(self.events_window) < 2:
-            return 0.0
-        span = self.events_window[-1][0] - self.events_window[0][0]
-        return sum(n for _, n in list(self.events_window)[1:]) / span if span > 0 else 0.0
-
     def status_line(self) -> str:
         model = f"model v{self.version}, {self.model.clusterer.k} clusters" if self.model else "no model yet"
         run = self.supervisor.run
         training = f", training v{run.version} ({run.kind})" if run else ""
         failing = f"store failing ({self.store.write_error}), " if self.store.write_error else ""
-        return f"{failing}{self.events_per_s():.0f} events/s, {model}{training}"
+        return f"{failing}{self.rate.per_s():.0f} events/s, {model}{training}"
 
     def apply_reload(self) -> None:
         self.reload = False
@@ -351,11 +315,8 @@ class Service:
         self.ingest.cfg = new.ingest  # batch_max, batch_wait_ms (the rest of [ingest] needs a restart)
         self.supervisor.reconfigure(new)
         self.log.info("reloaded", applied=applied, needs_restart=restart)
-        if self.guard is not None:
-            try:
-                self.log.info("client_keys_reloaded", allowed=self.guard.reload_clients())
-            except ValueError as e:
-                self.log.error("client_keys_reload_failed", error=str(e), detail="keeping the keys loaded before")
+        if self.security is not None:
+            self.security.reload()
         sd_notify(f"READY=1\nSTATUS={self.status_line()}")
 
     def shutdown(self) -> None:
@@ -376,8 +337,8 @@ class Service:
             if self.metrics_server:
                 self.metrics_server.stop()
             self.publisher.close()
-            if self.guard is not None:
-                self.guard.stop()
+            if self.security is not None:
+                self.security.stop()
             self.ctx.term()
             self.store.close()
             self.log.info("stopped")

@@ -599,9 +599,10 @@ def test_a_slow_subscriber_never_blocks_ingest_and_what_it_costs_is_counted(tmp_
         assert len(got) == n - dropped, (len(got), dropped)
         assert d.status()["outputs"] == n  # every output stays in the store (wingbeat export)
 
-        # A subscriber that hangs (stopped process): heartbeats cut it off after 3 s, and nothing more is dropped.
-        # Not with a 4 KB send buffer: a hung peer fills it at once and ZeroMQ's PING cannot get out to time out
-        # (docs/daemon.md), so the daemon restarts with the system's buffers, on the same state.
+        # A subscriber that hangs (stopped process): heartbeats cut it off after 3 s (it leaves the subscription
+        # count), and what is dropped after is only what the one live subscriber could not take. Not with a 4 KB send buffer: a hung peer fills it at once and
+        # ZeroMQ's PING cannot get out to time out (docs/daemon.md), so the daemon restarts with the system's
+        # buffers, on the same state. Without heartbeats the count stays (the next test).
         assert d.stop() == 0
         fast.close()
         cfg = config(tmp_path / "c2.toml", publish="hwm = 20\nqueue_max = 100\nheartbeat_s = 1.0")
@@ -609,13 +610,14 @@ def test_a_slow_subscriber_never_blocks_ingest_and_what_it_costs_is_counted(tmp_
         fast = Listener(d.publish)
         hung = subprocess.Popen([sys.executable, "-c", SLOW_SUBSCRIBER, d.publish], stdout=subprocess.PIPE, text=True)
         assert hung.stdout is not None and hung.stdout.readline().strip() == "subscribed"
-        time.sleep(0.5)
+        wait_for(lambda: metric(d.metrics, "wingbeat_subscriptions") == 2, timeout=15)
         hung.send_signal(signal.SIGSTOP)
         t_hung = time.monotonic()
+        wait_for(lambda: metric(d.metrics, "wingbeat_subscriptions") == 1, timeout=15, every=0.1)
+        cut = time.monotonic() - t_hung
         more = sender_q.replay(events_of(rec, "q", 0, False), d.ingest, window=64, give_up_s=60)
         assert more.acked == n
         wait_for(lambda: metric(d.metrics, "wingbeat_publish_queue_outputs") == 0, timeout=60)
-        cut = time.monotonic() - t_hung
         dropped_2 = metric(d.metrics, "wingbeat_publish_dropped_total")  # counted since the restart
         assert len(fast.seen("q", n, timeout=10)) == n - dropped_2
         hung.kill()
@@ -632,6 +634,24 @@ def test_a_slow_subscriber_never_blocks_ingest_and_what_it_costs_is_counted(tmp_
     counts_q = figures(tmp_path / "state", sender_q.sent, sender_q.acked)
     record("slow subscriber (reads nothing)", "SUB that never reads", res.sent, counts_p, res.duplicates, ingest_s)
     record("hung subscriber (SIGSTOP)", "heartbeat cuts it", more.sent, counts_q, more.duplicates, cut)
+
+
+def test_without_heartbeats_a_hung_subscriber_is_never_cut(tmp_path, sim, model):
+    """The control of the hung-subscriber half above: with ``publish.heartbeat_s = 0`` a stopped subscriber stays
+    connected (and would hold publishing once its buffers fill), so that test fails when heartbeats do not cut."""
+    cfg = config(tmp_path / "c.toml", publish="heartbeat_s = 0.0")
+    d = Daemon(tmp_path / "state", cfg, "--model", str(model))
+    hung = subprocess.Popen([sys.executable, "-c", SLOW_SUBSCRIBER, d.publish], stdout=subprocess.PIPE, text=True)
+    try:
+        assert hung.stdout is not None and hung.stdout.readline().strip() == "subscribed"
+        wait_for(lambda: metric(d.metrics, "wingbeat_subscriptions") == 1, timeout=15)
+        hung.send_signal(signal.SIGSTOP)
+        time.sleep(8)  # more than twice what the heartbeat test waits for (3 × 1 s and a housekeeping round)
+        assert metric(d.metrics, "wingbeat_subscriptions") == 1
+    finally:
+        hung.kill()
+        hung.wait(10)
+        assert d.stop() == 0
 
 
 # ---- 6: a flood ---------------------------------------------------------------------------------------------------
