@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,71 +20,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from daemon.protocol import Event, Output
+from daemon.schema import DB_NAME, MIGRATIONS, SCHEMA, SCHEMA_VERSION, Checkpointer
 
-SCHEMA_VERSION = 2
-DB_NAME = "wingbeat.sqlite"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    sensor TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    t0_ns INTEGER NOT NULL,
-    fs REAL NOT NULL,
-    dtype TEXT NOT NULL,
-    channels INTEGER NOT NULL,
-    n_samples INTEGER NOT NULL,
-    label TEXT NOT NULL DEFAULT '',
-    meta TEXT NOT NULL DEFAULT '{}',
-    received_ns INTEGER NOT NULL,
-    UNIQUE (sensor, seq)
-);
-CREATE TABLE IF NOT EXISTS raw (event_id INTEGER PRIMARY KEY, samples BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS features (event_id INTEGER PRIMARY KEY, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS outputs (
-    event_id INTEGER PRIMARY KEY,
-    model_version INTEGER NOT NULL,
-    cluster INTEGER NOT NULL,
-    probability REAL NOT NULL,
-    novelty REAL NOT NULL,
-    rec_error REAL NOT NULL,
-    latent TEXT NOT NULL,
-    published INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS outputs_unpublished ON outputs (event_id) WHERE published = 0;
-CREATE TABLE IF NOT EXISTS models (
-    version INTEGER PRIMARY KEY,
-    status TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    created_ns INTEGER NOT NULL,
-    metrics TEXT NOT NULL DEFAULT '{}',
-    reason TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    id INTEGER PRIMARY KEY,
-    received_ns INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    detail TEXT NOT NULL,
-    sensor TEXT,
-    seq INTEGER,
-    frames BLOB NOT NULL,
-    endpoint TEXT NOT NULL DEFAULT ''
-);
-"""
+__all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "Pending", "Quarantined", "Store", "StoreError"]
 
 INSERT_OUTPUT = (
     "INSERT OR IGNORE INTO outputs (event_id, model_version, cluster, probability, novelty, rec_error, latent)"
     " VALUES (?,?,?,?,?,?,?)"
 )
 MARK_PUBLISHED = "UPDATE outputs SET published = 1 WHERE event_id = ?"
-
-# Migrations from version N to N + 1: statements applied in order, all versions in one transaction, after a
-# backup copy of the database (``wingbeat.sqlite.vN.bak``). Statements, not a script: ``executescript`` commits.
-MIGRATIONS: dict[int, list[str]] = {
-    # 2: quarantine rows say which endpoint the message came on ("ack" = ROUTER, "plain" = PULL; '' before)
-    1: ["ALTER TABLE quarantine ADD COLUMN endpoint TEXT NOT NULL DEFAULT ''"],
-}
 
 
 class StoreError(RuntimeError):
@@ -114,37 +57,6 @@ class Pending:
 
 def _output_row(o: Output, event_id: int) -> tuple[Any, ...]:
     return (event_id, o.model_version, o.cluster, o.probability, o.novelty, o.rec_error, json.dumps(list(o.latent)))
-
-
-class Checkpointer(threading.Thread):
-    """Copies the WAL into the database file every ``every_s`` seconds on its own connection (``PASSIVE``: it
-    never blocks the writer), so that the writer's commits do not stop for checkpoints. With 25 KB of raw
-    samples per event the WAL grows by megabytes a second, and SQLite's automatic checkpoint (every 4 MB, run
-    inside a commit, with an fsync of the database file) held up the serving loop for tens of milliseconds."""
-
-    def __init__(self, path: Path, every_s: float) -> None:
-        super().__init__(name="wal-checkpoint", daemon=True)
-        self.path, self.every_s = path, every_s
-        self.stopping = threading.Event()
-        self.runs = 0
-        self.error = ""  # the last failure ("" after a success); the next run tries again
-
-    def run(self) -> None:
-        db = sqlite3.connect(self.path, timeout=1.0, isolation_level=None)
-        try:
-            while not self.stopping.wait(self.every_s):
-                try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    self.runs += 1
-                    self.error = ""
-                except sqlite3.Error as e:
-                    self.error = str(e)
-        finally:
-            db.close()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(10)
 
 
 class Store:
