@@ -268,14 +268,13 @@ def plot(
     typer.echo(f"wrote {out}")
 
 
-# ---- the daemon and its clients --------------------------------------------------------------------------------
-
-
 def main() -> None:
+    from daemon import cli_daemon  # noqa: F401 (registers the daemon's commands on app: run, replay, status, …)
+
     app()
 
 
-from daemon import cli_daemon  # noqa: F401 (registers the daemon's commands: run, replay, status, …)
+if __name__ == "__main__":  # python -m daemon.cli: the commands are registered on daemon.cli's app, not __main__'s
+    from daemon.cli import main as _main
 
-if __name__ == "__main__":
-    main()
+    _main()
