@@ -269,7 +269,7 @@ def plot(
 
 
 def main() -> None:
-    from daemon import cli_daemon  # noqa: F401 (registers the daemon's commands on app: run, replay, status, …)
+    from daemon import cli_central, cli_daemon  # noqa: F401 (register the daemon's commands on app: run, central, …)
 
     app()
 

@@ -263,6 +263,7 @@ def export(
         "channels",
         "n_samples",
         "label",
+        "station",  # '' for the daemon's own events; the station's name for events pooled at a centre
         "received_ns",
         "model_version",
         "cluster",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -82,6 +83,25 @@ class Security:
 
 
 @dataclass(frozen=True)
+class Network:
+    """A station of a network, or its centre (DESIGN §9, docs/network.md). ``nats = ""``: a single daemon."""
+
+    nats: str = ""  # NATS server URL(s), comma-separated: nats://127.0.0.1:4222, tls://host:4222
+    station: str = ""  # this station's name ([A-Za-z0-9_-]); "" at the centre
+    role: str = "station"  # station | centre (``wingbeat central`` sets centre)
+    creds: str = ""  # NATS credentials file (user JWT + nkey seed, from nsc)
+    tls_ca: str = ""  # CA bundle that signed the server's certificate
+    tls_cert: str = ""  # client certificate and key, where the server asks for them
+    tls_key: str = ""
+    forward_raw: bool = False  # forward raw samples too (features and metadata always)
+    train_locally: bool = False  # a station trains on its own events besides taking the network's versions
+    replicas: int = 1  # JetStream stream and bucket replicas (3 on a three-node cluster)
+    stream: str = "WINGBEAT_EVENTS"
+    bucket: str = "wingbeat-models"
+    durable: str = "wingbeat-central"  # the centre's consumer
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: str = "wingbeat-state"
     model: str = ""  # a model version directory to start from ("" = the newest good one in the state, or none)
@@ -91,6 +111,7 @@ class Config:
     store: Store = field(default_factory=Store)
     training: Training = field(default_factory=Training)
     security: Security = field(default_factory=Security)
+    network: Network = field(default_factory=Network)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,6 +153,12 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "training.threads": (lambda v: 1 <= v <= 256, "must be in 1–256"),
     "training.nice": (lambda v: 0 <= v <= 19, "must be in 0–19"),
     "training.backoff_s": (lambda v: v >= 0, "must be ≥ 0"),
+    "network.station": (lambda v: v == "" or re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v), "must be [A-Za-z0-9_-]{1,64}"),
+    "network.role": (lambda v: v in ("station", "centre"), "must be station or centre"),
+    "network.replicas": (lambda v: 1 <= v <= 5, "must be in 1–5"),
+    "network.stream": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v), "must be [A-Za-z0-9_-]{1,64}"),
+    "network.bucket": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v), "must be [A-Za-z0-9_-]{1,64}"),
+    "network.durable": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v), "must be [A-Za-z0-9_-]{1,64}"),
 }
 
 
@@ -188,6 +215,15 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(f"security.{key}: must be set when security.curve is true")
     if not cfg.state_dir:
         raise ConfigError("state_dir: must not be empty")
+    n = cfg.network
+    if n.nats:
+        for url in n.nats.split(","):
+            if not url.strip().startswith(("nats://", "tls://")):
+                raise ConfigError(f"network.nats: must be nats://HOST:PORT or tls://HOST:PORT, got {url.strip()!r}")
+        if n.role == "station" and not n.station:
+            raise ConfigError("network.station: must be set when network.nats is (the station's name)")
+        if bool(n.tls_cert) != bool(n.tls_key):
+            raise ConfigError("network.tls_cert, network.tls_key: go together (a client certificate and its key)")
     return cfg
 
 

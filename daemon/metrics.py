@@ -159,6 +159,34 @@ class Metrics:
         self.loop_heartbeat = Gauge(
             "wingbeat_loop_heartbeat_timestamp_seconds", "Last time the serving loop ran.", registry=r
         )
+        # the network (daemon.network, DESIGN §9): 0 on a daemon without [network]
+        self.outbox_events = Gauge(
+            "wingbeat_outbox_events", "Station: stored events not yet acked by JetStream (the outbox).", registry=r
+        )
+        self.outbox_age = Gauge(
+            "wingbeat_outbox_age_seconds",
+            "Station: seconds since the oldest event of the outbox was stored (0 when it is empty).",
+            registry=r,
+        )
+        self.net_connected = Gauge("wingbeat_network_connected", "1 while connected to NATS.", registry=r)
+        self.net_forwarded = Counter(
+            "wingbeat_network_forwarded_total", "Station: events acked by JetStream (resends included).", registry=r
+        )
+        self.net_pooled = Counter(
+            "wingbeat_network_pooled_total", "Centre: stations' events stored in the pooled store.", registry=r
+        )
+        self.net_quarantined = Counter(
+            "wingbeat_network_quarantined_total",
+            "Centre: malformed messages from the stream, quarantined, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.net_outputs = Counter(
+            "wingbeat_network_outputs_total",
+            "Station: outputs for NATS subjects wingbeat.out.<station>.<cluster>, published or dropped.",
+            ["outcome"],
+            registry=r,
+        )
         self.up_since = Gauge("wingbeat_start_time_seconds", "When the daemon started.", registry=r)
         self.up_since.set(time.time())
         # Known label values exist from the start at 0: rate() and increase() then see the first increment, and an
@@ -179,6 +207,10 @@ class Metrics:
             self.models_rejected.labels(why)
         for op in ("ingest", "outputs", "retention"):
             self.store_errors.labels(op)
+        for why in ("frame", "json", "header", "features", "raw"):  # daemon.network.REASONS
+            self.net_quarantined.labels(why)
+        for outcome in ("published", "dropped"):
+            self.net_outputs.labels(outcome)
 
     def sensor(self, name: str) -> str:
         """The label for a sensor: itself for the first ``max_sensors`` seen, "other" after that."""

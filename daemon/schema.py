@@ -1,5 +1,6 @@
 """The store's schema (DESIGN §7), its migrations, and the WAL checkpoint thread. Tables: ``events`` (one row per
-accepted recording, unique by sensor and seq), ``raw`` (samples, own table, pruned by retention), ``features``
+accepted recording, unique by station, sensor and seq; station '' for the daemon's own events, a station's name
+for events pooled at the centre), ``raw`` (samples, own table, pruned by retention), ``features``
 (written in the same transaction as the event), ``outputs`` (one per event, in event order), ``models``,
 ``quarantine``, and ``meta`` (schema version, how the features were made)."""
 
@@ -9,13 +10,14 @@ import sqlite3
 import threading
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "wingbeat.sqlite"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
+    station TEXT NOT NULL DEFAULT '',
     sensor TEXT NOT NULL,
     seq INTEGER NOT NULL,
     t0_ns INTEGER NOT NULL,
@@ -26,7 +28,7 @@ CREATE TABLE IF NOT EXISTS events (
     label TEXT NOT NULL DEFAULT '',
     meta TEXT NOT NULL DEFAULT '{}',
     received_ns INTEGER NOT NULL,
-    UNIQUE (sensor, seq)
+    UNIQUE (station, sensor, seq)
 );
 CREATE TABLE IF NOT EXISTS raw (event_id INTEGER PRIMARY KEY, samples BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS features (event_id INTEGER PRIMARY KEY, data BLOB NOT NULL);
@@ -66,6 +68,20 @@ CREATE TABLE IF NOT EXISTS quarantine (
 MIGRATIONS: dict[int, list[str]] = {
     # 2: quarantine rows say which endpoint the message came on ("ack" = ROUTER, "plain" = PULL; '' before)
     1: ["ALTER TABLE quarantine ADD COLUMN endpoint TEXT NOT NULL DEFAULT ''"],
+    # 3: events say which station they came from (the centre pools stations' events; '' = this daemon's own), and
+    # are unique by (station, sensor, seq): two stations may have sensors of the same name. SQLite cannot change a
+    # UNIQUE constraint in place, so the table is rebuilt with the same IDs.
+    2: [
+        "CREATE TABLE events_v3 (id INTEGER PRIMARY KEY, station TEXT NOT NULL DEFAULT '', sensor TEXT NOT NULL,"
+        " seq INTEGER NOT NULL, t0_ns INTEGER NOT NULL, fs REAL NOT NULL, dtype TEXT NOT NULL,"
+        " channels INTEGER NOT NULL, n_samples INTEGER NOT NULL, label TEXT NOT NULL DEFAULT '',"
+        " meta TEXT NOT NULL DEFAULT '{}', received_ns INTEGER NOT NULL, UNIQUE (station, sensor, seq))",
+        "INSERT INTO events_v3 (id, station, sensor, seq, t0_ns, fs, dtype, channels, n_samples, label, meta,"
+        " received_ns) SELECT id, '', sensor, seq, t0_ns, fs, dtype, channels, n_samples, label, meta, received_ns"
+        " FROM events",
+        "DROP TABLE events",
+        "ALTER TABLE events_v3 RENAME TO events",
+    ],
 }
 
 

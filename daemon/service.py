@@ -1,7 +1,7 @@
 """``wingbeat run``: the serving loop (DESIGN §1, §2, §5–§7). It wires the stages and runs them in order:
 
     receive (ingest) → pipeline (decode, featurise, predict) → store (one transaction) → ack → publish
-      → supervise (trainer, gate, swap) → housekeep
+      → supervise (trainer, gate, swap) → exchange (network, with [network]) → housekeep
 
 Each stage owns its sockets, queues and state (``daemon.ingest``, ``daemon.pipeline``, ``daemon.publish``,
 ``daemon.supervisor``, ``daemon.housekeeping``); state passes between them as arguments. While batch N is stored,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import time
@@ -27,6 +28,7 @@ from daemon.faults import crash_point
 from daemon.housekeeping import Housekeeper, Rate
 from daemon.ingest import Ingest, decode_batch
 from daemon.metrics import Metrics, MetricsServer
+from daemon.network import NetworkLink
 from daemon.pipeline import Featuriser, Job, outputs_for, process, settle
 from daemon.protocol import Output
 from daemon.publish import Publisher
@@ -62,6 +64,7 @@ class Service:
         self.housekeeper = Housekeeper(self.state, self.store, self.metrics)
         self.supervisor = Supervisor(self.state, cfg, self.store, self.models, self.metrics)
         self.schedule = self.supervisor.schedule
+        self.network = NetworkLink(cfg.network, self.state, self.store, self.metrics) if cfg.network.nats else None
         stored = self.store.feature_config()
         self.features = FeatureConfig(**stored) if stored else FeatureConfig()
         self.model: ModelVersion | None = None
@@ -163,6 +166,10 @@ class Service:
         self.bind()
         self.load_initial_model()
         self.schedule.last_events = self.n_events if self.model else 0
+        if self.network is not None:
+            self.network.start(self.version, self.store.feature_config())
+            if self.version:  # the centre (re)puts its serving version; a station ignores this
+                self.network.offer_version(self.version, self.models.path(self.version))
         while rows := self.store.unpublished(1024, after_id=self.publisher.queued_id):  # maybe lost in a crash
             self.publisher.publish(rows)
         sd_notify("READY=1\nSTATUS=" + self.status_line())  # sockets bound, model (if any) loaded
@@ -187,6 +194,7 @@ class Service:
                     self.commit(self.jobs.popleft())
                 self.serve_backlog()
                 self.supervise()
+                self.exchange()
                 self.housekeep()
                 if self.reload:
                     self.apply_reload()
@@ -233,6 +241,8 @@ class Service:
     def _served(self, outputs: list[Output]) -> None:
         self.schedule.observe(self.n_events, [o.cluster == NOVEL for o in outputs], [o.rec_error for o in outputs])
         self.publisher.publish(outputs)
+        if self.network is not None:
+            self.network.publish(outputs)
 
     def serve_backlog(self, budget_s: float = 0.05) -> None:
         """Outputs for stored events without one, oldest first, until caught up or the time budget is spent."""
@@ -258,10 +268,53 @@ class Service:
 
     def supervise(self) -> None:
         self.schedule.observe(self.n_events)
+        if self.network is not None and not self.network.trains:
+            return  # a station takes its versions from the network (exchange)
         accepted = self.supervisor.step(time.monotonic(), self.version, self._unservable)
         if accepted is not None:
             version, n, kind = accepted
             self._swap(version, n, kind, {})
+            if self.network is not None:
+                self.network.offer_version(n, self.models.path(n))
+
+    def exchange(self) -> None:
+        """The network stage (``daemon.network``): record the outbox watermark JetStream acked; at the centre,
+        store the stations' events; at a station, swap in a newer version from the network."""
+        net = self.network
+        if net is None:
+            return
+        try:
+            net.record(self.store)
+            stored = net.pool(self.store)
+        except sqlite3.OperationalError as e:
+            self.metrics.store_errors.labels("ingest").inc()
+            self.log.error("store_failed", error=str(e), detail="network: not acked, JetStream redelivers")
+            return
+        if stored:
+            self.n_events += stored
+            self.rate.add(time.monotonic(), stored)
+        got = net.take_version()
+        if got is None:
+            return
+        n, path = got
+        try:
+            version, local = self.models.import_(path, at_least=n)
+        except CheckpointError as e:
+            self.metrics.models_rejected.labels("unreadable").inc()
+            self.log.error("model_unreadable", model_version=n, source="network", error=str(e))
+            net.refused(n)
+            return
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+        if why := self._unservable(version):
+            self.models.discard(local)
+            self.store.record_model(local, "rejected", "network", {}, why)
+            self.metrics.models_rejected.labels("gate").inc()
+            self.log.warning("model_rejected", model_version=local, kind="network", reason=why, serving=self.version)
+            net.refused(n)
+            return
+        self._swap(version, local, "network", {"network_version": n})
+        net.served(n)
 
     # ---- housekeeping, reload, shutdown -------------------------------------------------------------------
     def housekeep(self) -> None:
@@ -330,6 +383,8 @@ class Service:
             ):
                 self.serve_backlog(budget_s=1.0)
             self.supervisor.stop()
+            if self.network is not None:
+                self.network.stop(self.store)  # outputs queued for NATS go out; the watermark is recorded
             self.featuriser.close()
             self.publisher.flush()  # what subscribers can take now; the rest is published again at the next start
             self.store.mark_published(self.publisher.take_published())

@@ -97,15 +97,17 @@ class ModelDir:
             shutil.rmtree(p, ignore_errors=True)
         return left
 
-    def claim(self, kind: str) -> int:
-        """A fresh version number, recorded as ``training`` in the store in one transaction."""
+    def claim(self, kind: str, at_least: int = 0) -> int:
+        """A fresh version number (``at_least`` or above), recorded as ``training`` in the store in one
+        transaction."""
         on_disk = [int(m.group(1)) for p in self.root.iterdir() if (m := VERSION_DIR.fullmatch(p.name))]
-        return self.store.claim_version(max([0, *on_disk]) + 1, kind)
+        return self.store.claim_version(max(at_least, max([0, *on_disk]) + 1), kind)
 
-    def import_(self, source: Path | str) -> tuple[ModelVersion, int]:
-        """Check ``source`` and copy it in as a newly claimed version."""
+    def import_(self, source: Path | str, at_least: int = 0) -> tuple[ModelVersion, int]:
+        """Check ``source`` and copy it in as a newly claimed version (numbered ``at_least`` where that is free:
+        a station keeps the centre's number)."""
         version = read_version(source)  # a bad directory is said in one line before anything is copied
-        n = self.claim("imported")
+        n = self.claim("imported", at_least)
         tmp = self.root / f".v{n}.import"
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         os.replace(tmp, self.path(n))

@@ -456,7 +456,7 @@ def test_a_schema_1_store_is_migrated_on_start_with_a_backup(tmp_path, sim, mode
     try:
         recovered = time.monotonic() - t  # start (with the migration) to ready
         migrated = [e for e in d.events() if e.get("event") == "store_migrated"]
-        assert migrated and migrated[0]["from_schema"] == 1 and migrated[0]["to_schema"] == 2
+        assert migrated and migrated[0]["from_schema"] == 1 and migrated[0]["to_schema"] == 3
         assert Path(migrated[0]["backup"]).exists()
         sender = Sender()
         events = islice(events_of(read_recordings(sim), "new", 0, False), 20)
@@ -467,7 +467,7 @@ def test_a_schema_1_store_is_migrated_on_start_with_a_backup(tmp_path, sim, mode
     finally:
         assert d.stop() == 0
     store = Store(state, readonly=True)
-    assert store.integrity_ok() and store.schema_version() == 2
+    assert store.integrity_ok() and store.schema_version() == 3
     store.close()
     counts = figures(state, sender.sent, sender.acked)
     record("store from schema 1", "old database file", res.sent, counts, res.duplicates, recovered)

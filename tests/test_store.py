@@ -90,7 +90,7 @@ V1 = Path(__file__).parent / "data" / "store-v1.sqlite"  # written by the schema
 def test_a_schema_1_store_migrates_with_a_backup_and_loses_nothing(tmp_path):
     shutil.copy(V1, tmp_path / DB_NAME)
     st = Store(tmp_path)
-    assert st.schema_version() == SCHEMA_VERSION == 2
+    assert st.schema_version() == SCHEMA_VERSION == 3
     assert st.migrated is not None and st.migrated[0] == 1
     backup = st.migrated[1]
     assert backup.read_bytes()[:16] == b"SQLite format 3\0"

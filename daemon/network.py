@@ -1,0 +1,546 @@
+"""The network stage (DESIGN §9, docs/network.md): a station's outbox to NATS JetStream, its model versions from
+the network, its outputs on NATS; at the centre, the durable consumer that pools the stations' events and the
+object store bucket the accepted versions go to.
+
+nats-py is asyncio: ``NetworkLink`` runs it in one thread with its own event loop. The serving loop talks to it
+only through thread-safe queues and two integers, never waits on the network, and stays the store's one writer:
+
+- station: the thread reads the outbox (this daemon's events above the forwarded watermark) on its own read-only
+  SQLite connection (WAL lets it read beside the writer), publishes them oldest first with the message ID
+  ``<station>/<sensor>/<seq>`` (a resend after a crash is de-duplicated by the server), and advances ``acked`` on
+  JetStream's publish acks; the loop records ``acked`` in the store (``record``), at most every half second: a
+  crash resends at most that much, which the server and the centre's unique key both drop.
+- centre: the thread fetches from the durable pull consumer and decodes (malformed messages become quarantine
+  rows); the loop stores a batch in one transaction (``pool``), then hands its messages back to be acked.
+- versions: the centre puts each accepted version into the bucket as ``v<N>``; a station's thread polls the bucket
+  and downloads a newer version into ``incoming/``; the loop imports it through ``ModelDir.import_`` (checked as a
+  local one is) under the same number, and swaps it in between batches.
+
+The event message (``wingbeat.events.<station>.<sensor>``): a 4-byte big-endian header length, the UTF-8 JSON
+header, the features (float32 little-endian, ``features.shape``), then the raw samples (``raw_bytes`` of them,
+``dtype`` little-endian, (channels, n_samples)) when the station forwards them. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import queue
+import re
+import shutil
+import ssl
+import tarfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon import logs
+from daemon.config import Network as NetworkConfig
+from daemon.metrics import Metrics
+from daemon.protocol import DTYPES, SENSOR_RE, Output
+from daemon.store import Pooled, Quarantined, Store
+from model.checkpoint import FILES
+
+WIRE_VERSION = 1
+EVENTS = "wingbeat.events"  # .<station>.<sensor>
+OUTPUTS = "wingbeat.out"  # .<station>.<cluster>
+STATION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+VERSION_NAME = re.compile(r"v(\d+)")
+MAX_HEADER_BYTES = 16_384
+MAX_VERSION_BYTES = 512 * 1024**2
+QUARANTINE_FRAME_BYTES = 65_536
+REASONS = ("frame", "json", "header", "features", "raw")  # why the centre quarantines a message
+
+
+class WireError(ValueError):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+# ---- the wire: pure ----------------------------------------------------------------------------------------------
+def msg_id(station: str, sensor: str, seq: int) -> str:
+    return f"{station}/{sensor}/{seq}"
+
+
+def encode_event(station: str, row: tuple[Any, ...], features: dict[str, Any]) -> tuple[str, bytes, str]:
+    """(subject, body, message ID) of one outbox row (``Store.outbox``); ``features``: how they were made."""
+    _, sensor, seq, t0_ns, fs, dtype, channels, n_samples, label, meta, data, raw = row
+    header = {
+        "v": WIRE_VERSION,
+        "station": station,
+        "sensor": sensor,
+        "seq": seq,
+        "t0_ns": t0_ns,
+        "fs": fs,
+        "dtype": dtype,
+        "channels": channels,
+        "n_samples": n_samples,
+        "label": label,
+        "meta": json.loads(meta),
+        "features": {"dtype": "float32", "shape": [channels, len(data) // 4 // max(1, channels)], "config": features},
+        "raw_bytes": len(raw) if raw is not None else 0,
+    }
+    h = json.dumps(header, separators=(",", ":")).encode()
+    body = len(h).to_bytes(4, "big") + h + bytes(data) + (bytes(raw) if raw is not None else b"")
+    return f"{EVENTS}.{station}.{sensor}", body, msg_id(station, sensor, seq)
+
+
+def decode_event(body: bytes, features: dict[str, Any] | None) -> Pooled:
+    """An event message back into a store row; WireError names what is wrong. ``features``: the feature config
+    this store's events were made with (None: any)."""
+    if len(body) < 4:
+        raise WireError("frame", f"{len(body)} bytes, shorter than the header length")
+    n = int.from_bytes(body[:4], "big")
+    if not 2 <= n <= MAX_HEADER_BYTES or len(body) < 4 + n:
+        raise WireError("frame", f"header length {n} does not fit a body of {len(body)} bytes")
+    try:
+        h = json.loads(body[4 : 4 + n])
+    except (UnicodeDecodeError, ValueError) as e:
+        raise WireError("json", f"header is not UTF-8 JSON: {e}") from None
+    if not isinstance(h, dict) or h.get("v") != WIRE_VERSION:
+        raise WireError("header", f"not a version {WIRE_VERSION} header")
+
+    def want(key: str, kind: type | tuple[type, ...]) -> Any:
+        v = h.get(key)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise WireError("header", f"{key}: must be {getattr(kind, '__name__', kind)}, got {v!r}"[:200])
+        return v
+
+    station, sensor = want("station", str), want("sensor", str)
+    if not STATION_RE.fullmatch(station):
+        raise WireError("header", f"station: not [A-Za-z0-9_-]{{1,64}}: {station!r}"[:200])
+    if not SENSOR_RE.fullmatch(sensor):
+        raise WireError("header", f"sensor: not a sensor name: {sensor!r}"[:200])
+    seq, t0, fs = want("seq", int), want("t0_ns", int), float(want("fs", (int, float)))
+    dtype, channels, n_samples = want("dtype", str), want("channels", int), want("n_samples", int)
+    label, meta, feat = want("label", str), want("meta", dict), want("features", dict)
+    raw_bytes = want("raw_bytes", int)
+    if seq < 0 or fs <= 0 or channels < 1 or n_samples < 1 or dtype not in DTYPES or raw_bytes < 0:
+        raise WireError("header", "seq, fs, channels, n_samples, dtype or raw_bytes out of range")
+    shape = feat.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise WireError("features", f"shape: must be [channels, bins], got {shape!r}"[:200])
+    if features is not None and feat.get("config") != features:
+        raise WireError("features", f"made with {feat.get('config')!r}, this store's with {features!r}"[:300])
+    size = shape[0] * shape[1] * 4
+    if len(body) != 4 + n + size + raw_bytes:
+        raise WireError("features", f"body is {len(body)} bytes, header says {4 + n + size + raw_bytes}")
+    if raw_bytes and raw_bytes != channels * n_samples * DTYPES[dtype].itemsize:
+        raise WireError("raw", f"{raw_bytes} bytes of raw samples for {channels} × {n_samples} {dtype}")
+    data = body[4 + n : 4 + n + size]
+    raw = body[4 + n + size :] if raw_bytes else None
+    return Pooled(station, sensor, seq, t0, fs, dtype, channels, n_samples, label, meta, data, raw)
+
+
+def pack_version(path: Path) -> bytes:
+    """A model version directory as one object: an uncompressed tar of its files, nothing else."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in FILES:
+            data = (path / name).read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def unpack_version(data: bytes, dest: Path) -> Path:
+    """Write the files of a packed version into a fresh directory ``dest`` (only the version's own file names,
+    plain files; no paths, links or devices). ``read_version`` checks what they hold."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for m in tar.getmembers():
+                if m.name not in FILES or not m.isfile():
+                    raise ValueError(f"unexpected member {m.name!r} in a model version")
+                f = tar.extractfile(m)
+                assert f is not None
+                (tmp / m.name).write_bytes(f.read())
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def output_subject(station: str, o: Output) -> str:
+    return f"{OUTPUTS}.{station}.{o.cluster}"
+
+
+@dataclass
+class Batch:
+    """Messages fetched at the centre: what to store, what to quarantine, and the messages to ack after."""
+
+    events: list[Pooled] = field(default_factory=list)
+    quarantine: list[Quarantined] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+    msgs: list[Any] = field(default_factory=list)
+
+
+# ---- the stage ---------------------------------------------------------------------------------------------------
+class NetworkLink:
+    """One thread running nats-py. The serving loop calls ``record``, ``pool``, ``take_version``, ``served``,
+    ``refused``, ``publish`` and ``offer_version``; none of them waits."""
+
+    def __init__(self, cfg: NetworkConfig, state: Path, store: Store, metrics: Metrics) -> None:
+        self.cfg, self.state, self.metrics = cfg, state, metrics
+        self.centre = cfg.role == "centre"
+        self.trains = self.centre or cfg.train_locally
+        self.log = logs.get()
+        self.stopping = threading.Event()
+        self.features: dict[str, Any] | None = None  # the store's feature config, set by ``start``
+        # thread → loop
+        self.acked = store.forwarded()  # outbox watermark acked by JetStream (int: set atomically)
+        self.recorded, self.recorded_at = self.acked, 0.0
+        self.pooled: queue.Queue[Batch] = queue.Queue(maxsize=4)
+        self.versions: queue.Queue[tuple[int, Path]] = queue.Queue()
+        # loop → thread
+        self.outputs: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
+        self.to_ack: queue.Queue[list[Any]] = queue.Queue()
+        self.to_put: queue.Queue[tuple[int, Path]] = queue.Queue()
+        self.serving = 0  # the version serving here (int: set atomically)
+        self.refused_versions: set[int] = set()
+        self.thread = threading.Thread(target=self._main, name="network", daemon=True)
+        self.warn = logs.RateLimited(30.0)
+
+    # ---- the loop's side ----------------------------------------------------------------------------------------
+    def start(self, serving: int, features: dict[str, Any] | None) -> None:
+        self.serving, self.features = serving, features
+        self.thread.start()
+
+    def record(self, store: Store, force: bool = False) -> None:
+        """Record the acked watermark in the store (the loop is the one writer), at most every 0.5 s."""
+        acked, now = self.acked, time.monotonic()
+        if acked > self.recorded and (force or now - self.recorded_at >= 0.5):
+            store.set_forwarded(acked)
+            self.recorded, self.recorded_at = acked, now
+
+    def pool(self, store: Store) -> int:
+        """Centre: store the batches fetched so far, each in one transaction, then have them acked; returns
+        events newly stored. A failed commit acks nothing: JetStream redelivers after ``ack_wait``."""
+        stored = 0
+        while True:
+            try:
+                batch = self.pooled.get_nowait()
+            except queue.Empty:
+                return stored
+            ids = store.ingest_pooled(batch.events, batch.quarantine)
+            self.to_ack.put(batch.msgs)
+            new = sum(i > 0 for i in ids)
+            stored += new
+            self.metrics.net_pooled.inc(new)
+            for reason, n in batch.reasons.items():
+                self.metrics.net_quarantined.labels(reason).inc(n)
+
+    def take_version(self) -> tuple[int, Path] | None:
+        """Station: a version downloaded from the bucket, newer than the one serving."""
+        try:
+            return self.versions.get_nowait()
+        except queue.Empty:
+            return None
+
+    def served(self, n: int) -> None:
+        self.serving = n
+
+    def refused(self, n: int) -> None:
+        self.refused_versions.add(n)
+
+    def publish(self, outputs: list[Output]) -> None:
+        """Station: outputs on ``wingbeat.out.<station>.<cluster>`` (core NATS, at most once, like the XPUB)."""
+        if self.centre:
+            return
+        for o in outputs:
+            try:
+                self.outputs.put_nowait((output_subject(self.cfg.station, o), json.dumps(o.to_wire()).encode()))
+            except queue.Full:
+                self.metrics.net_outputs.labels("dropped").inc()
+
+    def offer_version(self, n: int, path: Path) -> None:
+        """Centre: put an accepted (or restored) version into the bucket."""
+        if self.centre:
+            self.to_put.put((n, path))
+
+    def stop(self, store: Store) -> None:
+        """Flip the flag, give the thread 10 s to send what is queued and close, record the watermark."""
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(10)
+        self.record(store, force=True)
+
+    # ---- the thread ---------------------------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except Exception as e:  # the link is gone until a restart: say so loudly, never take the loop down
+            self.log.error("network_failed", error=repr(e))
+            self.metrics.net_connected.set(0)
+
+    def _options(self) -> dict[str, Any]:
+        c = self.cfg
+        opts: dict[str, Any] = {
+            "servers": [u.strip() for u in c.nats.split(",")],
+            "name": f"wingbeat-{c.station or 'centre'}",
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 1,
+            "connect_timeout": 2,
+            "ping_interval": 5,
+            "max_outstanding_pings": 2,
+        }
+        if c.creds:
+            opts["user_credentials"] = c.creds
+        if c.tls_ca or c.tls_cert or any(u.strip().startswith("tls://") for u in c.nats.split(",")):
+            ctx = ssl.create_default_context(cafile=c.tls_ca or None)
+            if c.tls_cert:
+                ctx.load_cert_chain(c.tls_cert, c.tls_key)
+            opts["tls"] = ctx
+        return opts
+
+    async def _run(self) -> None:
+        import nats
+
+        async def changed(up: bool) -> None:
+            self.metrics.net_connected.set(1 if up else 0)
+            self.log.info("network_connected" if up else "network_disconnected", nats=self.cfg.nats)
+
+        async def disconnected() -> None:
+            await changed(False)
+
+        async def reconnected() -> None:
+            await changed(True)
+
+        async def on_error(e: Exception) -> None:
+            if due := self.warn.due(("nats", type(e).__name__), 1):
+                self.log.warning("network_error", error=repr(e), times=due)
+
+        nc = None
+        while nc is None and not self.stopping.is_set():
+            try:
+                nc = await nats.connect(
+                    **self._options(),
+                    disconnected_cb=disconnected,
+                    reconnected_cb=reconnected,
+                    error_cb=on_error,
+                )
+            except Exception as e:
+                if due := self.warn.due(("connect",), 1):
+                    self.log.warning("network_unreachable", nats=self.cfg.nats, error=repr(e), times=due)
+                await asyncio.sleep(1.0)
+        if nc is None:
+            return
+        await changed(True)
+        js = nc.jetstream(timeout=5)
+        tasks = [self._outputs(nc)]
+        if self.centre:
+            tasks += [self._consume(js), self._put_versions(js)]
+        else:
+            tasks += [self._forward(js), self._watch_versions(js)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            try:
+                await asyncio.wait_for(nc.drain(), 5)
+            except Exception:
+                await nc.close()
+
+    async def _retrying(self, what: str, step: Any) -> None:
+        """Run ``step()`` until the stop flag; a failure is logged (rate-limited) and tried again in 0.5 s."""
+        while not self.stopping.is_set():
+            try:
+                if not await step():
+                    await asyncio.sleep(0.05)
+            except Exception as e:
+                if due := self.warn.due((what, type(e).__name__), 1):
+                    self.log.warning("network_retry", stage=what, error=repr(e)[:300], times=due)
+                await asyncio.sleep(0.5)
+
+    async def _ensure_stream(self, js: Any) -> None:
+        from nats.js.api import StreamConfig
+
+        c = self.cfg
+        want = StreamConfig(
+            name=c.stream, subjects=[f"{EVENTS}.>"], num_replicas=c.replicas, duplicate_window=600.0
+        )  # dedup by message ID for 10 minutes; the centre's unique key beyond
+        try:
+            await js.stream_info(c.stream)
+        except Exception:
+            await js.add_stream(want)
+
+    async def _bucket(self, js: Any) -> Any:
+        from nats.js.api import ObjectStoreConfig
+
+        try:
+            return await js.object_store(self.cfg.bucket)
+        except Exception:
+            return await js.create_object_store(
+                self.cfg.bucket, ObjectStoreConfig(bucket=self.cfg.bucket, replicas=self.cfg.replicas)
+            )
+
+    # station: the outbox
+    async def _forward(self, js: Any) -> None:
+        db = Store(self.state, readonly=True)  # this thread's own connection: WAL readers never block the writer
+        ready = False
+        last_gauge = 0.0
+
+        async def step() -> bool:
+            nonlocal ready, last_gauge
+            now = time.monotonic()
+            if now - last_gauge >= 1.0:
+                last_gauge = now
+                n, oldest = db.outbox_depth(self.acked)
+                self.metrics.outbox_events.set(n)
+                self.metrics.outbox_age.set(max(0.0, time.time() - oldest / 1e9) if oldest else 0.0)
+            if not ready:
+                await self._ensure_stream(js)
+                ready = True
+            rows = db.outbox(self.acked, 256, self.cfg.forward_raw)
+            if not rows:
+                return False
+            msgs = [encode_event(self.cfg.station, r, self.features or {}) for r in rows]
+            acks = await asyncio.gather(
+                *(js.publish(s, b, timeout=5, headers={"Nats-Msg-Id": i}) for s, b, i in msgs),
+                return_exceptions=True,
+            )
+            mark, ok = self.acked, 0
+            for r, a in zip(rows, acks, strict=True):
+                if isinstance(a, BaseException):
+                    break
+                mark, ok = r[0], ok + 1
+            self.acked = mark
+            self.metrics.net_forwarded.inc(ok)
+            if ok < len(rows):
+                failed = next(a for a in acks if isinstance(a, BaseException))
+                raise failed if isinstance(failed, Exception) else RuntimeError(repr(failed))
+            return True
+
+        try:
+            await self._retrying("forward", step)
+        finally:
+            db.close()
+
+    async def _watch_versions(self, js: Any) -> None:
+        """Poll the bucket every 2 s (a poll survives server restarts that a watcher would have to notice) and
+        download the newest version when it is newer than the serving one."""
+        incoming = self.state / "incoming"
+        obs = None
+
+        async def step() -> bool:
+            nonlocal obs
+            await asyncio.sleep(2.0)
+            if obs is None:
+                obs = await self._bucket(js)
+            try:
+                infos = await obs.list()
+            except Exception as e:
+                if "no objects" in str(e).lower() or type(e).__name__ == "NotFoundError":
+                    return True
+                raise
+            names = [int(m.group(1)) for i in infos if not i.deleted and (m := VERSION_NAME.fullmatch(i.name))]
+            newest = max(names, default=0)
+            if newest <= self.serving or newest in self.refused_versions:
+                return True
+            res = await obs.get(f"v{newest}")  # the client checks the object's SHA-256 digest
+            if len(res.data) > MAX_VERSION_BYTES:
+                raise ValueError(f"version v{newest} is {len(res.data)} bytes")
+            path = unpack_version(res.data, incoming / f"v{newest}")
+            self.refused_versions.add(newest)  # offered once; ``served`` moves ``serving`` past it
+            self.versions.put((newest, path))
+            self.log.info("network_version", model_version=newest, bytes=len(res.data))
+            return True
+
+        await self._retrying("versions", step)
+
+    # centre: the pooled store and the bucket
+    async def _consume(self, js: Any) -> None:
+        from nats.errors import TimeoutError as NatsTimeout
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        sub = None
+
+        async def step() -> bool:
+            nonlocal sub
+            while True:  # ack what the loop committed
+                try:
+                    msgs = self.to_ack.get_nowait()
+                except queue.Empty:
+                    break
+                for m in msgs:
+                    await m.ack()
+            if sub is None:
+                await self._ensure_stream(js)
+                cfg = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=60, max_ack_pending=20_000)
+                c = self.cfg
+                sub = await js.pull_subscribe(f"{EVENTS}.>", durable=c.durable, stream=c.stream, config=cfg)
+            if self.pooled.full():
+                return False
+            try:
+                msgs = await sub.fetch(256, timeout=0.5)
+            except NatsTimeout:
+                return True
+            batch = Batch(msgs=msgs)
+            for m in msgs:
+                try:
+                    batch.events.append(decode_event(m.data, self.features))
+                except WireError as e:
+                    batch.reasons[e.reason] += 1
+                    batch.quarantine.append(
+                        Quarantined(e.reason, e.detail, None, None, m.data[:QUARANTINE_FRAME_BYTES], "nats")
+                    )
+            self.pooled.put(batch, timeout=1.0)  # the loop drains it; full only if the loop is stuck
+            return True
+
+        await self._retrying("consume", step)
+
+    async def _put_versions(self, js: Any) -> None:
+        from nats.js.api import ObjectMeta
+
+        obs = None
+        pending: dict[int, Path] = {}
+
+        async def step() -> bool:
+            nonlocal obs
+            while True:
+                try:
+                    n, path = self.to_put.get_nowait()
+                    pending[n] = path
+                except queue.Empty:
+                    break
+            if not pending:
+                return False
+            if obs is None:
+                obs = await self._bucket(js)
+            for n in sorted(pending):
+                data = pack_version(pending[n])
+                await obs.put(f"v{n}", data, meta=ObjectMeta(name=f"v{n}", description="wingbeat model version"))
+                self.log.info("network_version_put", model_version=n, bytes=len(data))
+                del pending[n]
+            return True
+
+        await self._retrying("put_versions", step)
+
+    async def _outputs(self, nc: Any) -> None:
+        async def step() -> bool:
+            n = 0
+            while n < 1000:
+                try:
+                    subject, body = self.outputs.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    await nc.publish(subject, body)
+                    self.metrics.net_outputs.labels("published").inc()
+                except Exception:
+                    self.metrics.net_outputs.labels("dropped").inc()
+                n += 1
+            return n > 0
+
+        await self._retrying("outputs", step)
