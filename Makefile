@@ -17,14 +17,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/wingbeat demo
 
-# What the integration tests run for real beside the daemon: Prometheus and promtool (Debian's package), and
-# systemd-analyze. Installed when missing (as root, or with sudo).
+# What the integration tests run for real beside the daemon: Prometheus and promtool (Debian's package),
+# systemd-analyze, and nats-server (with JetStream and MQTT, for tests/test_network.py). Installed when missing (as
+# root, or with sudo).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 test-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 	  $(APT) prometheus || { $(SUDO) apt-get update -q && $(APT) prometheus; }
 	@command -v systemd-analyze >/dev/null || $(APT) systemd
+	@command -v nats-server >/dev/null || test -x /usr/sbin/nats-server || \
+	  $(APT) nats-server || { $(SUDO) apt-get update -q && $(APT) nats-server; }
 
 test: $(STAMP) test-deps
 	$(BIN)/ruff check model daemon tests bench
