@@ -51,8 +51,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/train_speed.py
 
+# The quality protocol (docs/RESULTS.md): 5 seeds of paper, semi-supervised, simulated and UCR runs, two at a time
 headtohead: $(STAMP)
-	$(BIN)/python bench/headtohead.py
+	mkdir -p out
+	$(BIN)/python bench/headtohead.py --jobs 2 --json out/headtohead.json
 
 clean:
 	rm -rf $(VENV) out

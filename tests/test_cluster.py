@@ -118,7 +118,7 @@ def test_dp_keeps_the_start_with_the_highest_lower_bound():
     from model.cluster import dp_mixture
 
     mu, _ = arcs(seed=3, n=900)
-    cfg = ClusterConfig(k_max=12)
+    cfg = ClusterConfig(k_max=12, dp_combine="best_bound")
     chosen = fit_clusterer(mu, np.ones(len(mu)), cfg)
     bounds = {}
     for init in cfg.dp_inits:
@@ -175,3 +175,20 @@ def test_clusterer_arrays_without_groups_still_load():
     arrays["groups"] = np.array([0, 0, 2])  # a cluster index with no component
     with pytest.raises(ValueError, match="shapes"):
         LatentClusterer.from_arrays(arrays)
+
+
+def test_dp_consensus_clusters_are_pure_and_modelled_by_few_components():
+    # Restarts of the DP mixture disagree on where to cut each arc; the clusters they agree on stay inside one arc
+    mu, y = arcs(seed=2, n=1500)
+    cfg = ClusterConfig(k_max=12)
+    c = fit_clusterer(mu, np.ones(len(mu)), cfg)
+    comp = c.components(mu)
+    for cluster in range(c.k):
+        inside = y[comp == cluster]
+        assert len(inside) >= cfg.min_cluster_fraction * len(mu) / 2
+        assert max(np.mean(inside == 0), np.mean(inside == 1)) > 0.99
+    counts = np.bincount(c.groups, minlength=c.k)
+    assert counts.min() >= 1 and counts.max() <= cfg.group_components
+    for bad in ({"dp_combine": "vote"}, {"consensus_cut": 1.0}, {"dp_restarts": 0}, {"consensus_events": 5}):
+        with pytest.raises(ValueError):
+            ClusterConfig(**bad)  # type: ignore[arg-type]
