@@ -5,18 +5,23 @@ Real processes on loopback ports; nats-server is started here as tests/test_prom
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from collections import Counter
 from itertools import islice
 from pathlib import Path
 
 import pytest
-from harness import CONFIG, ROOT, Daemon, simulate, wait_for
+from harness import CONFIG, ROOT, Daemon, cli, simulate, wait_for
+from test_faults import Sender, figures, record
 
 from daemon.clients import events_of, replay
 from daemon.datasets import read_recordings
@@ -110,9 +115,9 @@ def station_config(tmp: Path, name: str, nats: str, **extra: str) -> Path:
     return cfg
 
 
-def centre_config(tmp: Path, **training: int) -> Path:
+def centre_config(tmp: Path, replicas: int = 1) -> Path:
     cfg = tmp / "centre.toml"
-    cfg.write_text(CONFIG + "".join(f"\n[training]\n{k} = {v}" for k, v in training.items() if False))
+    cfg.write_text(CONFIG + f"\n[network]\nreplicas = {replicas}\n")
     return cfg
 
 
@@ -183,3 +188,172 @@ def test_two_stations_and_a_centre_share_one_model(tmp_path, sim):
             if d.proc.poll() is None:
                 assert d.stop() == 0, d.logs()[-3000:]
         nats.stop()
+
+
+class Streaming:
+    """A sender in a thread: ``events`` to ``endpoint`` at ``rate`` per second; what it sent and what was acked."""
+
+    def __init__(self, sender: Sender, rec, sensor: str, lo: int, hi: int, endpoint: str, rate: float, give_up_s=5.0):
+        events = islice(events_of(rec, sensor, 0, False), lo, hi)
+        self.thread = threading.Thread(
+            target=lambda: sender.replay(
+                events, endpoint, rate=rate, window=32, ack_timeout_s=2.0, give_up_s=give_up_s
+            ),
+            daemon=True,
+        )
+        self.thread.start()
+
+    def join(self, timeout: float = 120) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the sender did not finish"
+
+
+def metric(d: Daemon, name: str) -> float:
+    text = urllib.request.urlopen(f"http://{d.metrics}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def centre_figures(state: Path, sender: Sender, station: str) -> dict[str, int]:
+    """``figures`` of one station's events at the centre (sensors are unique per station in these tests)."""
+    assert all(station in s for s, _ in sender.sent)
+    return figures(state, sender.sent, sender.acked)
+
+
+@needs_nats
+@pytest.mark.faults
+def test_faults_station_killed_nats_down_centre_killed_during_training(tmp_path, sim):
+    """A station killed with SIGKILL mid-stream and restarted; nats-server stopped for 20 s mid-stream; the centre
+    killed with SIGKILL during a training. Nothing lost or duplicated at the centre, every station on the newest
+    accepted version."""
+    rec = read_recordings(sim)
+    nats = NatsServer(tmp_path / "nats")
+    cfg1, cfg2 = station_config(tmp_path, "s1", nats.url), station_config(tmp_path, "s2", nats.url)
+    s1, s2 = Daemon(tmp_path / "s1", cfg1), Daemon(tmp_path / "s2", cfg2)
+    ccfg = centre_config(tmp_path)
+    centre = Centre(tmp_path / "centre", ccfg, nats.url, "--first-training-after", str(2 * N))
+    a, b = Sender(), Sender()
+    try:
+        # 1. station s1 killed mid-stream, restarted, its sender resends everything: duplicates acked as such
+        run = Streaming(a, rec, "s1-a", 0, N, s1.ingest, rate=400)
+        wait_for(lambda: len(a.acked) > N // 3, 30, every=0.05)
+        s1.stop(signal.SIGKILL)
+        run.join()
+        t = time.monotonic()
+        s1 = Daemon(tmp_path / "s1", cfg1)
+        res = a.replay(islice(events_of(rec, "s1-a", 0, False), 0, N), s1.ingest, window=64, give_up_s=60)
+        assert res.acked == N
+        wait_for(lambda: sum(1 for k in pooled(centre.state) if k[0] == "s1") == N, 60)
+        record("station killed", "SIGKILL station mid-stream, restart, resend", N,
+               centre_figures(centre.state, a, "s1"), res.duplicates, time.monotonic() - t)  # fmt: skip
+
+        # 2. nats-server stopped for 20 s while station s2 ingests: its outbox holds the events, then drains
+        run = Streaming(b, rec, "s2-b", 0, N, s2.ingest, rate=20, give_up_s=60)
+        wait_for(lambda: len(b.acked) > 40, 30, every=0.05)
+        nats.stop()
+        wait_for(lambda: metric(s2, "wingbeat_network_connected") == 0, 20)
+        time.sleep(20)
+        behind = metric(s2, "wingbeat_outbox_events")
+        assert behind > 100 and metric(s2, "wingbeat_outbox_age_seconds") > 10
+        nats.start()
+        t = time.monotonic()
+        run.join()
+        wait_for(lambda: sum(1 for k in pooled(centre.state) if k[0] == "s2") == N, 90)
+        drained = time.monotonic() - t
+        record("nats-server down 20 s", "SIGTERM nats-server mid-stream, start again", N,
+               centre_figures(centre.state, b, "s2"), None, drained)  # fmt: skip
+        wait_for(lambda: metric(s2, "wingbeat_outbox_events") == 0, 30)
+
+        # 3. the centre killed during its first training; restarted, it trains again and every station takes it
+        wait_for(lambda: [e for e in centre.events() if e.get("event") == "training_started"], 60, every=0.2)
+        centre.stop(signal.SIGKILL)
+        more = Sender()
+        more.replay(islice(events_of(rec, "s1-c", 0, False), 0, 50), s1.ingest, window=64, give_up_s=30)
+        t = time.monotonic()
+        centre = Centre(tmp_path / "centre", ccfg, nats.url, "--first-training-after", str(2 * N))
+        v = wait_for(lambda: serving(centre), 240, every=1)
+        for d in (s1, s2):
+            wait_for(lambda d=d: serving(d) == v, 60, every=0.5)
+        recovered = time.monotonic() - t
+        wait_for(lambda: sum(1 for k in pooled(centre.state) if k[1] == "s1-c") == 50, 60)
+        record("centre killed in training", "SIGKILL centre during a training, restart", 50,
+               centre_figures(centre.state, more, "s1"), None, recovered)  # fmt: skip
+        models = centre.status()["models"]
+        assert [m["status"] for m in models if m["status"] in ("serving", "failed")][-1] == "serving"
+        assert max(m["version"] for m in models if m["status"] == "serving") == v
+        rows = pooled(centre.state)
+        assert max(rows.values()) == 1 and len(rows) == 2 * N + 50
+    finally:
+        for d in (s1, s2, centre):
+            if d.proc.poll() is None:
+                d.stop()
+        nats.stop()
+
+
+@needs_nats
+def test_mqtt_subscriber_receives_outputs(tmp_path, sim):
+    """Home Assistant, Node-RED: nats-server's MQTT listener carries wingbeat.out.s1.<cluster> as
+    wingbeat/out/s1/<cluster>."""
+    import paho.mqtt.client as mqtt
+
+    model = tmp_path / "model"
+    r = cli("train", str(sim), "--out", str(model), "--epochs", "5", timeout=300)
+    assert r.returncode == 0, r.stderr
+    rec = read_recordings(sim)
+    nats = NatsServer(tmp_path / "nats", mqtt=True)
+    got: list[tuple[str, dict]] = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="wingbeat-test")
+    subscribed = threading.Event()
+    client.on_connect = lambda c, *_: c.subscribe("wingbeat/out/s1/#", qos=0)
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.on_message = lambda c, u, m: got.append((m.topic, json.loads(m.payload)))
+    d = None
+    try:
+        client.connect("127.0.0.1", nats.mqtt, keepalive=10)
+        client.loop_start()
+        assert subscribed.wait(20)
+        d = Daemon(tmp_path / "s1", station_config(tmp_path, "s1", nats.url), "--model", str(model))
+        wait_for(lambda: metric(d, "wingbeat_network_connected") == 1, 20)
+        res = send(d, rec, "trap", 0, 50)
+        assert res.acked == 50
+        wait_for(lambda: len(got) >= 50, 30)
+        assert {m["seq"] for _, m in got} == set(range(50))
+        assert all(topic == f"wingbeat/out/s1/{m['cluster']}" and m["model_version"] == 1 for topic, m in got)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        if d is not None:
+            d.stop()
+        nats.stop()
+
+
+@needs_nats
+def test_three_node_cluster_loses_nothing_when_a_node_stops(tmp_path, sim):
+    """Stream and bucket with 3 replicas on a three-node cluster; one node stopped mid-stream."""
+    rec = read_recordings(sim)
+    names = ("n1", "n2", "n3")
+    ports = {n: free_port() for n in names}
+    nodes = [NatsServer(tmp_path / n, n, cluster=ports) for n in names]
+    urls = ",".join(n.url for n in nodes)
+    st = centre = None
+    sender = Sender()
+    try:
+        st = Daemon(tmp_path / "s1", station_config(tmp_path, "s1", urls, replicas="3"))
+        centre = Centre(tmp_path / "centre", centre_config(tmp_path, 3), urls, "--first-training-after", "100000")
+        run = Streaming(sender, rec, "s1-a", 0, N, st.ingest, rate=60, give_up_s=60)
+        wait_for(lambda: len(sender.acked) > N // 3, 30, every=0.05)
+        nodes[0].stop()
+        t = time.monotonic()
+        run.join()
+        wait_for(lambda: len(pooled(centre.state)) == N, 90)
+        counts = centre_figures(centre.state, sender, "s1")
+        record("NATS node stopped (3 replicas)", "SIGTERM one of three nodes mid-stream", N, counts, None,
+               time.monotonic() - t)  # fmt: skip
+    finally:
+        for d in (st, centre):
+            if d is not None and d.proc.poll() is None:
+                d.stop()
+        for n in nodes:
+            n.stop()
