@@ -72,6 +72,19 @@ def pick_device(choice: Device) -> Any:
     return torch.device(choice.value)
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line again, without ``--nproc N`` (the ranks it launches train as one each)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def emit_json(obj: dict[str, Any]) -> None:
     typer.echo(json.dumps(obj, allow_nan=False))
 
@@ -136,9 +149,20 @@ def train(
     ] = False,
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object last.")] = False,
+    nproc: Annotated[
+        int, typer.Option(min=1, help="Data-parallel ranks on this machine (torchrun; one per GPU with CUDA).")
+    ] = 1,
 ) -> None:
-    """Train a dynamic β-VAE and its latent clusters; write a model version."""
+    """Train a dynamic β-VAE and its latent clusters; write a model version. Under ``torchrun`` (or with
+    ``--nproc N``) every rank trains on its share of the events and rank 0 writes the version."""
     import torch
+
+    from daemon import ddp
+
+    if nproc > 1 and not ddp.under_torchrun():
+        if out.exists() and not force:
+            raise FileExistsError(f"{out} already exists (choose another --out, or --force to replace it)")
+        raise typer.Exit(ddp.launch(nproc, ["daemon.cli", *_without_nproc(sys.argv[1:])]))
 
     from daemon.datasets import load_dataset
     from daemon.progress import EpochProgress
@@ -155,6 +179,9 @@ def train(
         raise FileExistsError(f"{out} already exists (choose another --out, or --force to replace it)")
     torch.set_num_threads(threads)
     dev = pick_device(device)
+    shard = ddp.join(dev.type == "cuda")
+    if shard is not None:
+        dev = ddp.local_device(dev.type == "cuda")
     feat_cfg = FeatureConfig()
     ds = load_dataset(data, feat_cfg, skip_bad=skip_bad)
     vae_cfg = VAEConfig(
@@ -175,14 +202,19 @@ def train(
     )
     if semi_supervised and ds.labelled.sum() == 0:
         raise ValueError(f"--semi-supervised: {data} has no labelled events")
-    with EpochProgress(epochs, enabled=sys.stderr.isatty() and not as_json) as progress:
-        built = build(ds.features, ds.label, vae_cfg, train_cfg, cluster_cfg, dev, progress.update)
+    rank = shard.rank if shard is not None else 0
+    with EpochProgress(epochs, enabled=sys.stderr.isatty() and not as_json and rank == 0) as progress:
+        built = build(ds.features, ds.label, vae_cfg, train_cfg, cluster_cfg, dev, progress.update, shard=shard)
     manifest = {
         **built.manifest,
         "data": {"path": str(data), "sha256": ds.sha256, "kind": ds.kind, "skipped": len(ds.skipped)},
         "parent": None,
+        "ranks": shard.world if shard is not None else 1,
     }
-    write_version(out, pack(built.model, built.clusterer, feat_cfg, ds.kind, manifest), replace=force)
+    if rank == 0:
+        write_version(out, pack(built.model, built.clusterer, feat_cfg, ds.kind, manifest), replace=force)
+    if shard is not None:
+        ddp.leave()
     m = built.manifest
     summary = {
         "model": str(out),
@@ -196,6 +228,12 @@ def train(
         "device": str(dev),
         **({"train_labelled": m["metrics"]["train_labelled"]} if "train_labelled" in m["metrics"] else {}),
     }
+    if shard is not None:  # every rank says what it did: the β trajectories must be the same
+        summary |= {"rank": rank, "ranks": shard.world, "beta_history": m["history"]["beta"]}
+        if rank != 0:
+            if as_json:
+                emit_json(summary)
+            return
     typer.echo(
         f"wrote {out}: {summary['events']} events, {summary['epochs']} epochs "
         f"({summary['seconds_per_epoch']:.3f} s/epoch on {dev}), kept epoch {summary['selected_epoch']}, "

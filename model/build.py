@@ -18,7 +18,7 @@ from model.cards import cluster_cards
 from model.cluster import ClusterConfig, LatentClusterer, fit_clusterer
 from model.evaluate import scores
 from model.spectra import FeatureConfig
-from model.train import EpochStats, TrainConfig, TrainResult, encode_mu, fit
+from model.train import EpochStats, Shard, TrainConfig, TrainResult, encode_mu, fit
 from model.vae import VAE, VAEConfig
 
 
@@ -48,12 +48,14 @@ def build(
     init: dict[str, torch.Tensor] | None = None,
     schedule: BetaSchedule | None = None,
     freqs: np.ndarray | None = None,
+    shard: Shard | None = None,
 ) -> Built:
     """Train on ``features`` (events, channels, bins) with species ``labels`` (events,) str, "" = unlabelled.
 
     ``init`` (weights) and ``schedule`` (its β state) continue a model: a fine-tune. Otherwise training starts
     from seeded random weights and the whole β schedule. ``freqs`` (bins,) Hz is the features' frequency grid,
-    for the cluster cards (``model.cards``); by default the standard grid (``FeatureConfig().grid``) when the
+    for the cluster cards (``model.cards``); ``shard``: this process's part of a data-parallel training
+    (``model.train.fit``). By default the standard grid (``FeatureConfig().grid``) when the
     features' size fits it, and no cards otherwise (features from elsewhere, e.g. the UCR archive's).
     """
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32).reshape(len(features), -1)).to(device)
@@ -63,7 +65,7 @@ def build(
     if init is not None:
         model.load_state_dict(init)
     model.to(device)
-    result = fit(model, x, train_cfg, torch.from_numpy(codes), schedule=schedule, on_epoch=on_epoch)
+    result = fit(model, x, train_cfg, torch.from_numpy(codes), schedule=schedule, on_epoch=on_epoch, shard=shard)
     mu, err = (t.double().cpu().numpy() for t in encode_mu(model, x))
     clusterer = fit_clusterer(mu, err, cluster_cfg, labels if train_cfg.semi_supervised else None)
     assigned = clusterer.assign(mu, err)

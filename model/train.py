@@ -59,6 +59,21 @@ class TrainConfig:
         return cls(**{**d, "beta": BetaConfig(**d["beta"]), "gamma": GammaConfig(**d["gamma"])})
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a data-parallel training (``torchrun``): rank ``rank`` of ``world`` processes.
+
+    The launcher (``daemon.ddp``) injects the collectives, so this module opens no socket: ``all_sum`` adds a
+    tensor over all ranks in place (``torch.distributed.all_reduce``) and ``wrap`` makes the module whose
+    backward averages gradients over the ranks (``DistributedDataParallel``).
+    """
+
+    rank: int
+    world: int
+    all_sum: Callable[[torch.Tensor], None]
+    wrap: Callable[[torch.nn.Module], torch.nn.Module]
+
+
 @dataclass
 class EpochStats:
     epoch: int
@@ -101,8 +116,14 @@ def fit(
     labels: torch.Tensor | None = None,
     schedule: BetaSchedule | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    shard: Shard | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``x`` (events, n_in), on x's device.
+
+    ``shard``: data-parallel training. Every rank holds all of ``x`` and draws the same permutation each epoch;
+    rank r trains on every ``world``-th event of it, with ``batch_size / world`` per step (the same global batch),
+    gradients averaged over the ranks. The epoch's losses are summed over the ranks before β is decided, so
+    every rank takes the same β; held-out scores use the same (synchronised) weights on every rank.
 
     ``labels`` (events,) int64 with −1 for unlabelled rows drives the clustering loss when
     ``cfg.semi_supervised``. ``schedule`` continues a β schedule (fine-tuning); a new one starts otherwise.
@@ -119,6 +140,9 @@ def fit(
     xt, yt = x[train_idx.to(device)], labels[train_idx.to(device)]
     xv = x[val_idx.to(device)]
     schedule = schedule or BetaSchedule(cfg.beta)
+    forward = shard.wrap(model) if shard is not None else model  # DDP: broadcasts rank 0's weights
+    rank, world = (shard.rank, shard.world) if shard is not None else (0, 1)
+    step = max(1, cfg.batch_size // world)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     history: list[EpochStats] = []
     good = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
@@ -134,11 +158,13 @@ def fit(
             # published code stopped cycling γ once β froze)
         model.train()
         perm = torch.randperm(len(xt), generator=gen).to(device)
+        n_used = len(perm) // world * world  # every rank takes as many steps (DDP's all-reduce needs them all)
+        perm = perm[rank:n_used:world]
         sums = torch.zeros(3, dtype=torch.float64, device=device)
-        for start in range(0, len(xt), cfg.batch_size):
-            idx = perm[start : start + cfg.batch_size]
+        for start in range(0, len(perm), step):
+            idx = perm[start : start + step]
             xb = xt[idx]  # (batch, n_in)
-            recon, mu, logvar = model(xb)
+            recon, mu, logvar = forward(xb)
             rec = losses.reconstruction(recon, xb)
             kl = losses.kl_standard_normal(mu, logvar)
             kl_loss = losses.kl_free_bits(mu, logvar, cfg.free_bits) if cfg.free_bits > 0 else kl
@@ -149,7 +175,9 @@ def fit(
             loss.backward()
             opt.step()
             sums += torch.stack([rec.detach(), kl.detach(), cls.detach()]).double() * len(idx)
-        rec_m, kl_m, cls_m = (sums / len(xt)).tolist()
+        if shard is not None:
+            shard.all_sum(sums)  # the epoch's losses over every rank: each takes the same β from them
+        rec_m, kl_m, cls_m = (sums / n_used).tolist()
         finite = all(math.isfinite(v) for v in (rec_m, kl_m, cls_m)) and all(
             bool(torch.isfinite(p).all()) for p in model.parameters()
         )
