@@ -68,7 +68,8 @@ class Training:
     gate_rec_tolerance: float = 0.10  # a new model may reconstruct held-out events at most 10 % worse
     gate_ari_tolerance: float = 0.02  # … and lose at most this much ARI on labelled events
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 1  # torch threads of the trainer process
+    threads: int = 1  # torch threads of the trainer process (of each rank)
+    nproc: int = 1  # ranks of a training: > 1 trains data-parallel under torchrun (one per GPU with CUDA)
     idle: bool = True  # the trainer under SCHED_IDLE: it gets a core only when serving leaves one free
     nice: int = 10  # the trainer's CPU priority below the serving loop's where SCHED_IDLE is off or refused
     backoff_s: float = 30.0  # after a failed training, wait this long (doubling, up to 1 h) before the next
@@ -151,6 +152,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "training.gate_ari_tolerance": (lambda v: 0 <= v <= 2, "must be in 0–2"),
     "training.device": (lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
     "training.threads": (lambda v: 1 <= v <= 256, "must be in 1–256"),
+    "training.nproc": (lambda v: 1 <= v <= 64, "must be in 1–64"),
     "training.nice": (lambda v: 0 <= v <= 19, "must be in 0–19"),
     "training.backoff_s": (lambda v: v >= 0, "must be ≥ 0"),
     "network.station": (lambda v: v == "" or re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v), "must be [A-Za-z0-9_-]{1,64}"),

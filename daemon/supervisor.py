@@ -3,7 +3,8 @@
 
 The trainer runs in its own process (``daemon.trainer``) at the lowest CPU priority (``SCHED_IDLE``), dies with
 the daemon (it asks the kernel for ``PR_SET_PDEATHSIG`` itself, then checks that its parent is still the daemon),
-gets the daemon's validated configuration on stdin and reports on stdout, one JSON object per line.
+gets the daemon's validated configuration (a JSON file it reads back with ``config.from_dict``) and reports on
+stdout, one JSON object per line. With ``training.nproc`` > 1 it runs as that many ranks under torchrun.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ class TrainerRun:
     readers: list[threading.Thread] = field(default_factory=list)
     done: dict[str, Any] | None = None
     error: str = ""
+    config_file: Path | None = None  # removed when the run ends
 
     def failure(self, code: int) -> str:
         """Why the run failed ("" = it did not)."""
@@ -187,22 +189,26 @@ class Trainer:
 
     def start(self, state: str, cfg: Config, kind: str, version: int, parent: str) -> TrainerRun:
         t = cfg.training
-        cmd = [sys.executable, "-m", "daemon.trainer", "--state", state, "--version", str(version), "--kind", kind]
-        cmd += ["--parent", parent, "--parent-pid", str(os.getpid())]
+        # The same validated configuration the daemon runs with, read back with config.from_dict by every rank;
+        # beside the version's other temporary files, so ModelDir.discard removes it with them
+        conf = Path(state) / "models" / f".v{version}.config.json"
+        conf.write_text(json.dumps(cfg.to_dict()))
+        cmd = [sys.executable, "-m"]
+        if t.nproc > 1:  # data-parallel: torchrun starts the ranks (gloo on CPUs, NCCL on GPUs)
+            cmd += ["torch.distributed.run", "--standalone", f"--nproc-per-node={t.nproc}", "-m"]
+        cmd += ["daemon.trainer", "--state", state, "--version", str(version), "--kind", kind, "--parent", parent]
+        cmd += ["--parent-pid", str(os.getpid()), "--config-file", str(conf)]
         env = {**os.environ, "OPENBLAS_NUM_THREADS": str(t.threads), "OMP_NUM_THREADS": str(t.threads)}
         proc = subprocess.Popen(
             cmd,
-            stdin=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
             start_new_session=True,  # a terminal's Ctrl-C reaches the daemon only, which stops the trainer in order
         )
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        # The same validated configuration the daemon runs with, read back with config.from_dict
-        proc.stdin.write(json.dumps(cfg.to_dict()).encode())
-        proc.stdin.close()
-        run = TrainerRun(proc, kind, version, time.monotonic(), queue.Queue())
+        assert proc.stdout is not None and proc.stderr is not None
+        run = TrainerRun(proc, kind, version, time.monotonic(), queue.Queue(), config_file=conf)
         run.readers = [
             threading.Thread(target=_read_reports, args=(proc.stdout, run.reports), daemon=True),
             threading.Thread(target=_read_tail, args=(proc.stderr, run.stderr_tail), daemon=True),
@@ -219,6 +225,8 @@ class Trainer:
         if code is not None:
             for t in run.readers:  # the pipes close at exit; the readers finish with what was left in them
                 t.join(timeout=5)
+            if run.config_file is not None:
+                run.config_file.unlink(missing_ok=True)
         epochs = []
         while True:
             try:

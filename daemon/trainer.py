@@ -1,7 +1,10 @@
 """The background trainer: its own process, started by the daemon for each training run.
 
-    python -m daemon.trainer --state DIR --version N --kind first|finetune|full [--parent DIR] [--parent-pid PID]
-        < the daemon's configuration (JSON of ``Config.to_dict()``, validated again here like a config file)
+    python -m daemon.trainer --state DIR --version N --kind first|finetune|full --config-file F [--parent DIR]
+        [--parent-pid PID]
+
+``F`` holds the daemon's configuration (JSON of ``Config.to_dict()``), validated again here like a config file.
+Under torchrun (``training.nproc`` > 1) every rank trains on its share of the events; rank 0 reports and writes.
 
 Reads features from the store (read-only), trains (a fine-tune continues the parent's weights and β schedule),
 fits the latent clusters, gives them the serving model's cluster IDs (Hungarian matching on the events both
@@ -36,17 +39,32 @@ PR_SET_PDEATHSIG = 1
 
 
 def tie_to_parent(parent_pid: int) -> None:
-    """Die with the daemon: SIGKILL when it exits (Linux), and exit now if it is gone already (it may have died
-    between starting this process and this call). A trainer that outlived its daemon would race the next
-    daemon's trainer for the store and the version directories."""
+    """Die with the daemon: SIGKILL when the parent exits (Linux; the daemon, or torchrun between them), and exit
+    now if the daemon is gone already (it may have died between starting this process and this call). A trainer
+    that outlived its daemon would race the next daemon's trainer for the store and the version directories."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
-        pass  # not Linux; the parent is still checked between epochs
-    if parent_pid and os.getppid() != parent_pid:
+        pass  # not Linux; the daemon is still checked between epochs
+    if not daemon_alive(parent_pid):
         raise SystemExit(f"the daemon (pid {parent_pid}) is gone")
+
+
+def daemon_alive(pid: int) -> bool:
+    """Whether the daemon that started this training still runs (0: no daemon to follow)."""
+    if not pid:
+        return True
+    if os.getppid() == pid:
+        return True
+    try:
+        os.kill(pid, 0)  # under torchrun the daemon is a grandparent: it may be anywhere above
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return os.getppid() != 1  # orphaned (re-parented to init): the daemon that started it is gone
 
 
 def lower_priority(idle: bool, nice: int) -> str:
@@ -74,10 +92,11 @@ def held_out_error(model: Any, x: Any) -> float:
     return float(encode_mu(model, x)[1].double().mean())
 
 
-def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
+def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any] | None:
     import numpy as np
     import torch
 
+    from daemon import ddp
     from daemon.store import Store
     from daemon.versions import read_version, write_version
     from model.beta import BetaConfig, BetaSchedule
@@ -92,6 +111,10 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     t = cfg.training
     torch.set_num_threads(t.threads)
     dev = torch.device("cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu")
+    shard = ddp.join(dev.type == "cuda")
+    if shard is not None:
+        dev = ddp.local_device(dev.type == "cuda")
+    rank = shard.rank if shard is not None else 0
     store = Store(Path(args.state), readonly=True)
     try:
         # The newest half and an even sample of the older events: a fine-tune keeps seeing what came before
@@ -133,8 +156,10 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
         def on_epoch(s: Any) -> None:
             if s.epoch == 3:
                 crash_point("trainer_epoch")
-            if args.parent_pid and os.getppid() != args.parent_pid:
+            if not daemon_alive(args.parent_pid):
                 raise SystemExit("the daemon is gone")
+            if rank != 0:
+                return
             say(
                 "epoch",
                 epoch=s.epoch,
@@ -158,7 +183,11 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
             on_epoch,
             init=init,
             schedule=schedule,
+            shard=shard,
         )
+        if rank != 0:  # rank 0 measures, aligns and writes; the others wait for it and go
+            ddp.leave()
+            return None
         # Held-out events of this training: the gate compares both models on them.
         val = built.result.val_index.numpy()
         xt = torch.from_numpy(x)
@@ -195,10 +224,13 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
             "parent": parent.manifest.get("version") if parent is not None else None,
             "next_cluster_id": next_id,
             "gate_metrics": metrics,
+            "ranks": shard.world if shard is not None else 1,
             "data": {"store": str(store.path), "first_event": int(ids[0]), "last_event": int(ids[-1])},
         }
         out = Path(args.state) / "models" / f"v{args.version}"
         write_version(out, pack(built.model, built.clusterer, features, "recordings", manifest), replace=True)
+        if shard is not None:
+            ddp.leave()
         del np  # numpy only used through the store
         return {"path": str(out), "version": args.version, "kind": args.kind, "metrics": metrics}
     finally:
@@ -212,18 +244,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", choices=KINDS, required=True)
     ap.add_argument("--parent", default="")
     ap.add_argument("--parent-pid", type=int, default=0, help="the daemon: exit when it is gone")
+    ap.add_argument("--config-file", required=True, help="the daemon's configuration, JSON")
     args = ap.parse_args(argv)
     tie_to_parent(args.parent_pid)
     try:
         from daemon.config import from_dict
 
-        cfg = from_dict(json.loads(sys.stdin.read()))  # the daemon's own, validated again as a file would be
+        cfg = from_dict(json.loads(Path(args.config_file).read_text()))  # the daemon's own, validated again
         lower_priority(cfg.training.idle, cfg.training.nice)
         done = run(args, cfg)
     except Exception as e:  # reported to the daemon, which logs, counts and backs off
         say("error", message=f"{type(e).__name__}: {e}"[:2000])
         return 1
-    say("done", **done)
+    if done is not None:  # rank 0 (or the only process)
+        say("done", **done, ranks=cfg.training.nproc)
     return 0
 
 

@@ -600,9 +600,10 @@ def test_a_slow_subscriber_never_blocks_ingest_and_what_it_costs_is_counted(tmp_
         assert d.status()["outputs"] == n  # every output stays in the store (wingbeat export)
 
         # A subscriber that hangs (stopped process): heartbeats cut it off after 3 s (it leaves the subscription
-        # count), and what is dropped after is only what the one live subscriber could not take. Not with a 4 KB send buffer: a hung peer fills it at once and
-        # ZeroMQ's PING cannot get out to time out (docs/daemon.md), so the daemon restarts with the system's
-        # buffers, on the same state. Without heartbeats the count stays (the next test).
+        # count), and what is dropped after is only what the one live subscriber could not take. Not with a
+        # 4 KB send buffer: a hung peer fills it at once and ZeroMQ's PING cannot get out to time out
+        # (docs/daemon.md), so the daemon restarts with the system's buffers, on the same state. Without
+        # heartbeats the count stays (the next test).
         assert d.stop() == 0
         fast.close()
         cfg = config(tmp_path / "c2.toml", publish="hwm = 20\nqueue_max = 100\nheartbeat_s = 1.0")

@@ -105,6 +105,24 @@ def test_the_trainer_gets_the_daemons_validated_config(tmp_path, sim):
         d.stop()
 
 
+def test_the_trainer_runs_data_parallel_under_torchrun(tmp_path, sim):
+    """training.nproc = 2: the daemon's trainer runs as two ranks (torchrun, gloo on the CPU); rank 0 reports and
+    writes the version, which serves like any other."""
+    conf = tmp_path / "c.toml"
+    conf.write_text(CONFIG.replace("epochs_first = 60", "epochs_first = 30") + "nproc = 2\n")
+    d = Daemon(tmp_path / "state", conf)
+    try:
+        send(d, sim, 0, 240)
+        wait_for(lambda: d.status()["serving"] == 1, timeout=240, every=1)
+        v1 = read_version(d.state / "models" / "v1")
+        assert v1.manifest["ranks"] == 2 and v1.manifest["epochs"] == 30
+        epochs = [e["epoch"] for e in d.events() if e.get("event") == "training_epoch"]
+        assert epochs == sorted(set(epochs))  # one rank reports, each epoch once
+        assert not list((d.state / "models").glob(".v*"))  # the config file went with the training
+    finally:
+        d.stop()
+
+
 def test_a_trainer_dies_with_a_killed_daemon_and_its_number_is_never_reused(tmp_path, sim):
     conf = tmp_path / "c.toml"
     conf.write_text(CONFIG.replace("epochs_first = 60", "epochs_first = 100000"))
