@@ -316,6 +316,8 @@ def _dp_consensus(
     sizes = np.bincount(lab)
     # clusters of a few stray events are left out: their events go to the nearest cluster or are novel
     big = np.flatnonzero(sizes >= max(2, cfg.min_cluster_fraction * len(sub)))
+    if not len(big):  # nothing but stray events (a handful of events, no agreement): one cluster of them all
+        lab, sizes, big = np.zeros(len(sub), np.int64), np.array([len(sub)]), np.array([0])
     parts = []
     for c in big:
         pts = sub[lab == c]

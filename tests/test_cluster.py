@@ -192,3 +192,12 @@ def test_dp_consensus_clusters_are_pure_and_modelled_by_few_components():
     for bad in ({"dp_combine": "vote"}, {"consensus_cut": 1.0}, {"dp_restarts": 0}, {"consensus_events": 5}):
         with pytest.raises(ValueError):
             ClusterConfig(**bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("n", [16, 40])
+def test_a_handful_of_events_still_gets_clusters(n):
+    # the daemon trains from 16 events on
+    mu = np.random.default_rng(n).normal(0, 1, (n, 4))
+    c = fit_clusterer(mu, np.ones(n), ClusterConfig())
+    a = c.assign(mu, np.ones(n))
+    assert c.k >= 1 and len(a.cluster) == n and np.isfinite(a.probability).all()
