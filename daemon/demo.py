@@ -154,6 +154,7 @@ def _watch(
         f"published clusters vs the simulated species: ARI {ari:.3f}, AMI {ami:.3f} "
         f"({len(set(pred.tolist()))} clusters incl. −1 = novel, {len(set(truth.tolist()))} species)"
     )
+    _offline_vs_served(state, sent_file, latest, truth)
     (root / "metrics.txt").write_bytes(urllib.request.urlopen(f"http://{eps['metrics']}/metrics", timeout=10).read())
     from daemon.store import Store
 
@@ -216,3 +217,26 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _offline_vs_served(state: Path, data: Path, latest: dict[int, dict[str, Any]], truth: np.ndarray) -> None:
+    """No loss between offline and serving: the newest version's published clusters beside what
+    ``wingbeat evaluate`` computes for the same version on the same events."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from daemon.datasets import load_dataset
+    from daemon.versions import read_version
+    from model.predict import predict
+
+    if not latest:
+        return
+    v = max(b["model_version"] for b in latest.values())
+    seqs = np.array(sorted(s for s, b in latest.items() if b["model_version"] == v))
+    version = read_version(state / "models" / f"v{v}")
+    offline = predict(version, load_dataset(data, version.features).features[seqs]).cluster
+    served = np.array([latest[s]["cluster"] for s in seqs])
+    print(
+        f"the {len(seqs)} events published by v{v}: ARI {adjusted_rand_score(truth[seqs], served):.3f}; "
+        f"wingbeat evaluate of v{v} on the same events: ARI {adjusted_rand_score(truth[seqs], offline):.3f} "
+        f"({np.mean(served == offline):.1%} in the same cluster)"
+    )

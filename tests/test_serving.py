@@ -3,6 +3,7 @@ loses when a commit fails: the real daemon (or the real Service in process), rea
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import time
@@ -180,6 +181,61 @@ def test_plain_endpoint_loss_on_a_failed_commit_is_measured_and_counted(tmp_path
         lock.close()
         push.close()
         d.stop()
+
+
+def subset(src: Path, out: Path, lo: int, hi: int) -> Path:
+    """Recordings lo…hi−1 of a recordings file, as a recordings file (DESIGN §8)."""
+    with np.load(src, allow_pickle=False) as d:
+        offsets = d["offsets"]
+        arrays = {
+            "samples": d["samples"][offsets[lo] : offsets[hi]],
+            "offsets": offsets[lo : hi + 1] - offsets[lo],
+            **{k: d[k][lo:hi] for k in ("channels", "fs", "label", "sensor", "t0_ns") if k in d},
+        }
+    np.savez(out, allow_pickle=False, **arrays)
+    return out
+
+
+@pytest.mark.slow
+def test_published_clusters_score_what_evaluate_scores_on_unseen_recordings(tmp_path_factory, tmp_path):
+    """No loss between offline and serving: a model trained on one half of a simulated set serves the other half
+    through the daemon; the published clusters are the ones ``wingbeat evaluate`` computes for the same events."""
+    from daemon.versions import read_version
+    from model.evaluate import scores
+    from model.predict import predict
+
+    both = simulate(tmp_path_factory, 1000, 4, 3)
+    train, unseen = subset(both, tmp_path / "train.npz", 0, 600), subset(both, tmp_path / "unseen.npz", 600, 1000)
+    model = tmp_path / "m"
+    assert cli("train", str(train), "--out", str(model), "--epochs", "150", timeout=600).returncode == 0
+    conf = tmp_path / "c.toml"
+    conf.write_text(CONFIG)
+    d = Daemon(tmp_path / "state", conf, "--model", str(model))
+    try:
+        sub = Subscriber(d.publish)
+        time.sleep(0.5)
+        rec = read_recordings(unseen)
+        assert replay(events_of(rec, "u", 0, False), d.ingest, window=64, give_up_s=60).acked == 400
+        got = {g["seq"]: g for g in sub.drain(400, timeout=60)}
+    finally:
+        d.stop()
+    assert sorted(got) == list(range(400)) and {g["model_version"] for g in got.values()} == {1}
+    served = np.array([got[i]["cluster"] for i in range(400)])
+    r = cli("evaluate", str(model), str(unseen), "--json")
+    assert r.returncode == 0, r.stderr
+    offline = json.loads(r.stdout.splitlines()[-1])
+    published = scores(rec.label, served)
+    print(f"unseen recordings: published ARI {published['ari']:.3f}, wingbeat evaluate ARI {offline['ari']:.3f}")
+    assert len(set(served.tolist()) - {-1}) >= 2 and offline["ari"] > 0.15  # a model that tells species apart
+    assert published["ari"] == pytest.approx(offline["ari"], abs=0.01)
+    assert published["ami"] == pytest.approx(offline["ami"], abs=0.01)
+    # event by event: the daemon featurises in batches, evaluate all at once; float32 rounding may move an event
+    # that sits on a boundary, nothing more
+    from daemon.datasets import load_dataset
+
+    version = read_version(model)
+    same = served == predict(version, load_dataset(unseen, version.features).features).cluster
+    assert same.mean() >= 0.99
 
 
 def test_config_is_the_same_object_tree_after_a_round_trip():
