@@ -30,6 +30,7 @@ import os
 import queue
 import re
 import shutil
+import sqlite3
 import ssl
 import tarfile
 import threading
@@ -306,6 +307,31 @@ class NetworkLink:
         return opts
 
     async def _run(self) -> None:
+        gauges = None if self.centre else asyncio.create_task(self._outbox_gauges())
+        try:
+            await self._connected()
+        finally:
+            if gauges is not None:
+                await gauges
+
+    async def _outbox_gauges(self) -> None:
+        """Station: the outbox's depth and age every second, connected or not (a link that never came up is
+        the case to see)."""
+        db = Store(self.state, readonly=True)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    n, oldest = db.outbox_depth(self.acked)
+                    self.metrics.outbox_events.set(n)
+                    self.metrics.outbox_age.set(max(0.0, time.time() - oldest / 1e9) if oldest else 0.0)
+                except sqlite3.Error as e:
+                    if due := self.warn.due(("outbox_gauges",), 1):
+                        self.log.warning("network_retry", stage="outbox_gauges", error=str(e), times=due)
+                await asyncio.sleep(1.0)
+        finally:
+            db.close()
+
+    async def _connected(self) -> None:
         import nats
 
         async def changed(up: bool) -> None:
@@ -347,10 +373,11 @@ class NetworkLink:
         try:
             await asyncio.gather(*tasks)
         finally:
-            try:
-                await asyncio.wait_for(nc.drain(), 5)
+            try:  # what was published (outputs, acks) goes out; then close, unanswered fetches and all
+                await asyncio.wait_for(nc.flush(timeout=2), 3)
             except Exception:
-                await nc.close()
+                pass
+            await nc.close()
 
     async def _retrying(self, what: str, step: Any) -> None:
         """Run ``step()`` until the stop flag; a failure is logged (rate-limited) and tried again in 0.5 s."""
@@ -389,16 +416,9 @@ class NetworkLink:
     async def _forward(self, js: Any) -> None:
         db = Store(self.state, readonly=True)  # this thread's own connection: WAL readers never block the writer
         ready = False
-        last_gauge = 0.0
 
         async def step() -> bool:
-            nonlocal ready, last_gauge
-            now = time.monotonic()
-            if now - last_gauge >= 1.0:
-                last_gauge = now
-                n, oldest = db.outbox_depth(self.acked)
-                self.metrics.outbox_events.set(n)
-                self.metrics.outbox_age.set(max(0.0, time.time() - oldest / 1e9) if oldest else 0.0)
+            nonlocal ready
             if not ready:
                 await self._ensure_stream(js)
                 ready = True

@@ -16,11 +16,12 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
 
 import pytest
-from harness import CONFIG, ROOT, Daemon, cli, simulate, wait_for
+from harness import CONFIG, ROOT, Daemon, simulate, wait_for
 from test_faults import Sender, figures, record
 
 from daemon.clients import events_of, replay
@@ -43,7 +44,14 @@ class NatsServer:
     """The real ``nats-server`` with JetStream on free loopback ports; its store and log under ``work``.
     ``routes``: the cluster ports of the other nodes (a cluster of ``len(routes) + 1``)."""
 
-    def __init__(self, work: Path, name: str = "n1", mqtt: bool = False, cluster: dict[str, int] | None = None):
+    def __init__(
+        self,
+        work: Path,
+        name: str = "n1",
+        mqtt: bool = False,
+        cluster: dict[str, int] | None = None,
+        extra: str = "",
+    ):
         work.mkdir(parents=True, exist_ok=True)
         self.work, self.name = work, name
         self.port, self.http = free_port(), free_port()
@@ -60,7 +68,7 @@ class NatsServer:
             routes = ", ".join(f"nats-route://127.0.0.1:{p}" for n, p in cluster.items() if n != name)
             lines.append(f"cluster {{ name: wb, listen: 127.0.0.1:{cluster[name]}, routes: [{routes}] }}")
         self.conf = work / "nats.conf"
-        self.conf.write_text("\n".join(lines) + "\n")
+        self.conf.write_text("\n".join([*lines, extra]) + "\n")
         self.url = f"nats://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -108,6 +116,12 @@ class Centre(Daemon):
         self.ingest, self.publish, self.metrics = info["ingest"], info["publish"], info["metrics"]
 
 
+def start(*makers):
+    """Start daemons at once (each waits for its own endpoints): their start-ups overlap."""
+    with ThreadPoolExecutor(len(makers)) as ex:
+        return [f.result() for f in [ex.submit(m) for m in makers]]
+
+
 def station_config(tmp: Path, name: str, nats: str, **extra: str) -> Path:
     cfg = tmp / f"{name}.toml"
     more = "".join(f"{k} = {v}\n" for k, v in extra.items())
@@ -116,8 +130,10 @@ def station_config(tmp: Path, name: str, nats: str, **extra: str) -> Path:
 
 
 def centre_config(tmp: Path, replicas: int = 1) -> Path:
+    """The harness's config with a short first training: the tests need a version, not a good one."""
     cfg = tmp / "centre.toml"
-    cfg.write_text(CONFIG + f"\n[network]\nreplicas = {replicas}\n")
+    assert "epochs_first = 60" in CONFIG
+    cfg.write_text(CONFIG.replace("epochs_first = 60", "epochs_first = 15") + f"\n[network]\nreplicas = {replicas}\n")
     return cfg
 
 
@@ -141,7 +157,16 @@ def clusters(state: Path) -> dict[tuple[str, int], tuple[int, int]]:
 
 
 def serving(d: Daemon) -> int:
-    return int(d.status()["serving"] or 0)
+    """The version a daemon serves (0 = none), from its store: cheaper to poll than ``wingbeat status``."""
+    try:
+        db = sqlite3.connect(f"file:{d.state / DB_NAME}?mode=ro", uri=True, timeout=30)
+    except sqlite3.OperationalError:
+        return 0
+    try:
+        row = db.execute("SELECT max(version) FROM models WHERE status = 'serving'").fetchone()
+        return int(row[0] or 0)
+    finally:
+        db.close()
 
 
 def send(d: Daemon, rec, sensor: str, lo: int, hi: int, give_up_s: float = 60.0):
@@ -156,14 +181,32 @@ def sim(tmp_path_factory) -> Path:
 
 @needs_nats
 def test_two_stations_and_a_centre_share_one_model(tmp_path, sim):
+    """Every event reaches the centre once; the centre trains; both stations swap to its version and give the same
+    recording the same cluster; MQTT subscribers (Home Assistant, Node-RED) read the outputs through nats-server's
+    MQTT listener (subject wingbeat.out.s1.3 is topic wingbeat/out/s1/3)."""
+    import paho.mqtt.client as mqtt
+
     rec = read_recordings(sim)
-    nats = NatsServer(tmp_path / "nats")
+    nats = NatsServer(tmp_path / "nats", mqtt=True)
     stations: list[Daemon] = []
     centre = None
+    got: list[tuple[str, dict]] = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="wingbeat-test")
+    subscribed = threading.Event()
+    client.on_connect = lambda c, *_: c.subscribe("wingbeat/out/#", qos=0)
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.on_message = lambda c, u, m: got.append((m.topic, json.loads(m.payload)))
     try:
-        for name in ("s1", "s2"):
-            stations.append(Daemon(tmp_path / name, station_config(tmp_path, name, nats.url)))
-        centre = Centre(tmp_path / "centre", centre_config(tmp_path), nats.url, "--first-training-after", str(2 * N))
+        client.connect("127.0.0.1", nats.mqtt, keepalive=10)
+        client.loop_start()
+        assert subscribed.wait(20)
+        cfgs = [station_config(tmp_path, name, nats.url) for name in ("s1", "s2")]
+        ccfg = centre_config(tmp_path)
+        *stations, centre = start(
+            lambda: Daemon(tmp_path / "s1", cfgs[0]),
+            lambda: Daemon(tmp_path / "s2", cfgs[1]),
+            lambda: Centre(tmp_path / "centre", ccfg, nats.url, "--first-training-after", str(2 * N)),
+        )
         for d in stations:  # two stations, sensors of the same name: unique by station at the centre
             res = send(d, rec, "trap", 0, N)
             assert res.acked == N, res
@@ -177,6 +220,12 @@ def test_two_stations_and_a_centre_share_one_model(tmp_path, sim):
         c1 = wait_for(lambda: (c := clusters(stations[0].state)) and len(c) == N and c, 60)
         c2 = wait_for(lambda: (c := clusters(stations[1].state)) and len(c) == N and c, 60)
         assert c1 == c2 and {ver for ver, _ in c1.values()} == {v}
+        wait_for(lambda: len(got) >= 2 * N, 30)
+        assert {(topic.split("/")[2], m["seq"]) for topic, m in got} == {(s, q) for s in ("s1", "s2") for q in range(N)}
+        assert all(topic.split("/")[3] == str(m["cluster"]) and m["model_version"] == v for topic, m in got)
+        publish_junk(nats.url)  # a foreign publisher on the stream: quarantined and counted at the centre
+        wait_for(lambda: centre.status()["quarantine"] == {"frame": 1}, 30)
+        assert metric(centre, 'wingbeat_network_quarantined_total{reason="frame"}') == 1
         st = centre.status()
         assert st["per_station"] == {"s1": N, "s2": N} and st["per_sensor"] == {"s1/trap": N, "s2/trap": N}
         for d in stations:  # the station trains nothing of its own
@@ -184,6 +233,8 @@ def test_two_stations_and_a_centre_share_one_model(tmp_path, sim):
             m = urllib.request.urlopen(f"http://{d.metrics}/metrics", timeout=10).read().decode()
             assert "wingbeat_outbox_events 0.0" in m and "wingbeat_network_connected 1.0" in m
     finally:
+        client.loop_stop()
+        client.disconnect()
         for d in [*stations, *([centre] if centre else [])]:
             if d.proc.poll() is None:
                 assert d.stop() == 0, d.logs()[-3000:]
@@ -206,6 +257,22 @@ class Streaming:
     def join(self, timeout: float = 120) -> None:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "the sender did not finish"
+
+
+def publish_junk(url: str) -> None:
+    import asyncio
+
+    import nats
+
+    async def go() -> None:
+        nc = await nats.connect(url, connect_timeout=5)
+        try:
+            ack = await nc.jetstream().publish("wingbeat.events.evil.x", b"junk", timeout=5)
+            assert ack.stream == "WINGBEAT_EVENTS"
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
 
 
 def metric(d: Daemon, name: str) -> float:
@@ -231,9 +298,12 @@ def test_faults_station_killed_nats_down_centre_killed_during_training(tmp_path,
     rec = read_recordings(sim)
     nats = NatsServer(tmp_path / "nats")
     cfg1, cfg2 = station_config(tmp_path, "s1", nats.url), station_config(tmp_path, "s2", nats.url)
-    s1, s2 = Daemon(tmp_path / "s1", cfg1), Daemon(tmp_path / "s2", cfg2)
     ccfg = centre_config(tmp_path)
-    centre = Centre(tmp_path / "centre", ccfg, nats.url, "--first-training-after", str(2 * N))
+    s1, s2, centre = start(
+        lambda: Daemon(tmp_path / "s1", cfg1),
+        lambda: Daemon(tmp_path / "s2", cfg2),
+        lambda: Centre(tmp_path / "centre", ccfg, nats.url, "--first-training-after", str(2 * N)),
+    )
     a, b = Sender(), Sender()
     try:
         # 1. station s1 killed mid-stream, restarted, its sender resends everything: duplicates acked as such
@@ -293,43 +363,6 @@ def test_faults_station_killed_nats_down_centre_killed_during_training(tmp_path,
 
 
 @needs_nats
-def test_mqtt_subscriber_receives_outputs(tmp_path, sim):
-    """Home Assistant, Node-RED: nats-server's MQTT listener carries wingbeat.out.s1.<cluster> as
-    wingbeat/out/s1/<cluster>."""
-    import paho.mqtt.client as mqtt
-
-    model = tmp_path / "model"
-    r = cli("train", str(sim), "--out", str(model), "--epochs", "5", timeout=300)
-    assert r.returncode == 0, r.stderr
-    rec = read_recordings(sim)
-    nats = NatsServer(tmp_path / "nats", mqtt=True)
-    got: list[tuple[str, dict]] = []
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="wingbeat-test")
-    subscribed = threading.Event()
-    client.on_connect = lambda c, *_: c.subscribe("wingbeat/out/s1/#", qos=0)
-    client.on_subscribe = lambda *_: subscribed.set()
-    client.on_message = lambda c, u, m: got.append((m.topic, json.loads(m.payload)))
-    d = None
-    try:
-        client.connect("127.0.0.1", nats.mqtt, keepalive=10)
-        client.loop_start()
-        assert subscribed.wait(20)
-        d = Daemon(tmp_path / "s1", station_config(tmp_path, "s1", nats.url), "--model", str(model))
-        wait_for(lambda: metric(d, "wingbeat_network_connected") == 1, 20)
-        res = send(d, rec, "trap", 0, 50)
-        assert res.acked == 50
-        wait_for(lambda: len(got) >= 50, 30)
-        assert {m["seq"] for _, m in got} == set(range(50))
-        assert all(topic == f"wingbeat/out/s1/{m['cluster']}" and m["model_version"] == 1 for topic, m in got)
-    finally:
-        client.loop_stop()
-        client.disconnect()
-        if d is not None:
-            d.stop()
-        nats.stop()
-
-
-@needs_nats
 def test_three_node_cluster_loses_nothing_when_a_node_stops(tmp_path, sim):
     """Stream and bucket with 3 replicas on a three-node cluster; one node stopped mid-stream."""
     rec = read_recordings(sim)
@@ -340,14 +373,22 @@ def test_three_node_cluster_loses_nothing_when_a_node_stops(tmp_path, sim):
     st = centre = None
     sender = Sender()
     try:
-        st = Daemon(tmp_path / "s1", station_config(tmp_path, "s1", urls, replicas="3"))
-        centre = Centre(tmp_path / "centre", centre_config(tmp_path, 3), urls, "--first-training-after", "100000")
+        scfg, ccfg = station_config(tmp_path, "s1", urls, replicas="3"), centre_config(tmp_path, 3)
+        st, centre = start(
+            lambda: Daemon(tmp_path / "s1", scfg),
+            lambda: Centre(tmp_path / "centre", ccfg, urls, "--first-training-after", "100000"),
+        )
         run = Streaming(sender, rec, "s1-a", 0, N, st.ingest, rate=60, give_up_s=60)
         wait_for(lambda: len(sender.acked) > N // 3, 30, every=0.05)
         nodes[0].stop()
         t = time.monotonic()
         run.join()
         wait_for(lambda: len(pooled(centre.state)) == N, 90)
+        info = json.loads(
+            urllib.request.urlopen(f"http://127.0.0.1:{nodes[1].http}/jsz?streams=true&config=true", timeout=10).read()
+        )
+        streams = [s for a in info["account_details"] for s in a.get("stream_detail", [])]
+        assert {s["name"]: s["config"]["num_replicas"] for s in streams}["WINGBEAT_EVENTS"] == 3
         counts = centre_figures(centre.state, sender, "s1")
         record("NATS node stopped (3 replicas)", "SIGTERM one of three nodes mid-stream", N, counts, None,
                time.monotonic() - t)  # fmt: skip
@@ -357,3 +398,53 @@ def test_three_node_cluster_loses_nothing_when_a_node_stops(tmp_path, sim):
                 d.stop()
         for n in nodes:
             n.stop()
+
+
+def tls_files(d: Path) -> dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1, made with openssl for this test only."""
+    d.mkdir(parents=True, exist_ok=True)
+
+    def ssl(*args: str) -> None:
+        r = subprocess.run(["openssl", *args], cwd=d, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=wingbeat-test-ca")  # fmt: skip
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "1", "-extfile", "ext")  # fmt: skip
+    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+
+
+@needs_nats
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificates")
+def test_tls_to_nats_with_the_configured_ca_and_refused_without_it(tmp_path, sim):
+    f = tls_files(tmp_path / "tls")
+    tls = f'tls {{ cert_file: "{f["cert"]}", key_file: "{f["key"]}" }}'
+    nats = NatsServer(tmp_path / "nats", extra=tls)
+    url = f"tls://127.0.0.1:{nats.port}"
+    ca = f'"{f["ca"]}"'
+    rec = read_recordings(sim)
+    st = bad = None
+    try:
+        good_cfg = station_config(tmp_path, "s1", url, tls_ca=ca)
+        bad_cfg = station_config(tmp_path, "s2", url)  # the system's CAs: not this server's
+        st, bad = start(lambda: Daemon(tmp_path / "s1", good_cfg), lambda: Daemon(tmp_path / "s2", bad_cfg))
+        assert send(st, rec, "trap", 0, 50).acked == 50 and send(bad, rec, "trap", 0, 20).acked == 20
+        wait_for(lambda: metric(st, "wingbeat_network_forwarded_total") == 50, 60)
+        assert metric(st, "wingbeat_network_connected") == 1
+        info = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{nats.http}/jsz?streams=true", timeout=10).read())
+        streams = {s["name"]: s["state"] for a in info["account_details"] for s in a.get("stream_detail", [])}
+        assert streams["WINGBEAT_EVENTS"]["messages"] == 50
+        wait_for(lambda: metric(bad, "wingbeat_outbox_events") == 20, 20)
+        assert metric(bad, "wingbeat_network_connected") == 0
+        assert any(
+            e.get("event", "").startswith("network_") and "CERTIFICATE_VERIFY_FAILED" in e.get("error", "")
+            for e in bad.events()
+        )
+    finally:
+        for d in (st, bad):
+            if d is not None and d.proc.poll() is None:
+                d.stop()
+        nats.stop()
