@@ -205,6 +205,8 @@ def status(
         f"{info['raw_kept']} with raw samples, {info['bytes'] / 1e6:.1f} MB"
     )
     typer.echo("per sensor:  " + (", ".join(f"{k} {v}" for k, v in info["per_sensor"].items()) or "none"))
+    if set(info["per_station"]) - {""}:  # a centre: the stations' events ('' = its own)
+        typer.echo("per station: " + ", ".join(f"{k or '(own)'} {v}" for k, v in info["per_station"].items()))
     typer.echo("per cluster: " + (", ".join(f"{k}: {v}" for k, v in info["per_cluster"].items()) or "none"))
     typer.echo("quarantine:  " + (", ".join(f"{k} {v}" for k, v in info["quarantine"].items()) or "empty"))
     for m in info["models"]:

@@ -21,7 +21,7 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
-from harness import CONFIG, ROOT, Daemon, simulate, wait_for
+from harness import CONFIG, ROOT, Daemon, cli, simulate, wait_for
 from test_faults import Sender, figures, record
 
 from daemon.clients import events_of, replay
@@ -224,10 +224,17 @@ def test_two_stations_and_a_centre_share_one_model(tmp_path, sim):
         assert {(topic.split("/")[2], m["seq"]) for topic, m in got} == {(s, q) for s in ("s1", "s2") for q in range(N)}
         assert all(topic.split("/")[3] == str(m["cluster"]) and m["model_version"] == v for topic, m in got)
         publish_junk(nats.url)  # a foreign publisher on the stream: quarantined and counted at the centre
-        wait_for(lambda: centre.status()["quarantine"] == {"frame": 1}, 30)
-        assert metric(centre, 'wingbeat_network_quarantined_total{reason="frame"}') == 1
-        st = centre.status()
+        wait_for(lambda: metric(centre, 'wingbeat_network_quarantined_total{reason="frame"}') == 1, 30)
+        wait_for(lambda: metric(centre, "wingbeat_backlog_events") == 0, 60)  # the centre serves pooled events too
+        r = cli("status", "--state", str(centre.state), "--json")
+        st = json.loads(r.stdout.splitlines()[-1])
         assert st["per_station"] == {"s1": N, "s2": N} and st["per_sensor"] == {"s1/trap": N, "s2/trap": N}
+        assert st["quarantine"] == {"frame": 1} and st["outputs"] == 2 * N
+        r = cli("export", "--state", str(centre.state), "--out", str(tmp_path / "pooled.csv"))
+        assert r.returncode == 0, r.stderr
+        lines = (tmp_path / "pooled.csv").read_text().splitlines()
+        col = lines[0].split(",").index("station")
+        assert Counter(line.split(",")[col] for line in lines[1:]) == {"s1": N, "s2": N}
         for d in stations:  # the station trains nothing of its own
             assert not [e for e in d.events() if e.get("event") == "training_started"]
             m = urllib.request.urlopen(f"http://{d.metrics}/metrics", timeout=10).read().decode()
@@ -363,6 +370,7 @@ def test_faults_station_killed_nats_down_centre_killed_during_training(tmp_path,
 
 
 @needs_nats
+@pytest.mark.faults
 def test_three_node_cluster_loses_nothing_when_a_node_stops(tmp_path, sim):
     """Stream and bucket with 3 replicas on a three-node cluster; one node stopped mid-stream."""
     rec = read_recordings(sim)
