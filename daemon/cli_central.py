@@ -22,10 +22,15 @@ from daemon.cli import app, clean_errors
 def central(
     nats: Annotated[str, typer.Option(help="NATS server URL(s), comma-separated (nats:// or tls://).")],
     state: Annotated[Path, typer.Option(help="State directory: the pooled store, model versions.")],
-    config: Annotated[Path | None, typer.Option(help="TOML config file ([training], [network] creds/TLS, …).")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config file (training, network: creds and TLS, …).")] = None,
     metrics: Annotated[str | None, typer.Option(help="HOST:PORT of /metrics and /healthz ('' = off).")] = None,
     first_training_after: Annotated[int | None, typer.Option(help="Pooled events before the first training.")] = None,
-    gpus: Annotated[int, typer.Option(min=0, help="GPUs to train on (0 = the config's training.device).")] = 0,
+    gpus: Annotated[
+        int, typer.Option(min=0, help="GPUs to train on: CUDA, one torchrun rank each (0 = the config's device).")
+    ] = 0,
+    nproc: Annotated[
+        int | None, typer.Option(min=1, help="Training ranks under torchrun (default: --gpus, or the config's).")
+    ] = None,
     replicas: Annotated[int | None, typer.Option(min=1, max=5, help="Stream and bucket replicas.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -46,6 +51,7 @@ def central(
         "metrics.listen": metrics,
         "training.first_after": first_training_after,
         "training.device": "cuda" if gpus > 0 else None,
+        "training.nproc": nproc if nproc is not None else (gpus or None),
     }
     cfg = load(config, overrides)
     logs.configure(log_level)
