@@ -391,12 +391,19 @@ class NetworkLink:
                 await asyncio.sleep(0.5)
 
     async def _ensure_stream(self, js: Any) -> None:
-        from nats.js.api import StreamConfig
+        from nats.js.api import RetentionPolicy, StreamConfig
 
         c = self.cfg
+        # A work queue: a message stays until the centre's consumer acks it (after its commit), so the stream
+        # holds only what the centre has not stored yet, however long the centre is away. De-duplication by
+        # message ID for 10 minutes; the centre's unique key beyond.
         want = StreamConfig(
-            name=c.stream, subjects=[f"{EVENTS}.>"], num_replicas=c.replicas, duplicate_window=600.0
-        )  # dedup by message ID for 10 minutes; the centre's unique key beyond
+            name=c.stream,
+            subjects=[f"{EVENTS}.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            num_replicas=c.replicas,
+            duplicate_window=600.0,
+        )
         try:
             await js.stream_info(c.stream)
         except Exception:
