@@ -89,33 +89,22 @@ def test_a_fine_tune_replays_older_events_and_the_gate_keeps_a_worse_version_out
         d.stop()
 
 
-def test_the_trainer_gets_the_daemons_validated_config(tmp_path, sim):
-    """What the trainer trains with comes from the daemon's config objects: epochs, seed and max_events here."""
+def test_the_trainer_runs_on_the_daemons_config_data_parallel_under_torchrun(tmp_path, sim):
+    """What the trainer trains with comes from the daemon's config objects (epochs, seed, max_events here), and
+    with training.nproc = 2 it runs as two ranks (torchrun, gloo on the CPU); rank 0 reports and writes the
+    version, which serves like any other."""
     conf = tmp_path / "c.toml"
-    conf.write_text(CONFIG.replace("epochs_first = 60", "epochs_first = 7") + "max_events = 150\nseed = 11\n")
-    d = Daemon(tmp_path / "state", conf)
-    try:
-        send(d, sim, 0, 240)
-        wait_for(lambda: d.status()["serving"] == 1, timeout=180, every=1)
-        v1 = read_version(d.state / "models" / "v1")
-        assert v1.manifest["epochs"] == 7
-        assert v1.manifest["gate_metrics"]["events"] == 150
-        assert v1.manifest["train"]["seed"] == 11 + 1  # the config's seed plus the version number
-    finally:
-        d.stop()
-
-
-def test_the_trainer_runs_data_parallel_under_torchrun(tmp_path, sim):
-    """training.nproc = 2: the daemon's trainer runs as two ranks (torchrun, gloo on the CPU); rank 0 reports and
-    writes the version, which serves like any other."""
-    conf = tmp_path / "c.toml"
-    conf.write_text(CONFIG.replace("epochs_first = 60", "epochs_first = 30") + "nproc = 2\n")
+    conf.write_text(
+        CONFIG.replace("epochs_first = 60", "epochs_first = 30") + "nproc = 2\nmax_events = 150\nseed = 11\n"
+    )
     d = Daemon(tmp_path / "state", conf)
     try:
         send(d, sim, 0, 240)
         wait_for(lambda: d.status()["serving"] == 1, timeout=240, every=1)
         v1 = read_version(d.state / "models" / "v1")
         assert v1.manifest["ranks"] == 2 and v1.manifest["epochs"] == 30
+        assert v1.manifest["gate_metrics"]["events"] == 150
+        assert v1.manifest["train"]["seed"] == 11 + 1  # the config's seed plus the version number
         epochs = [e["epoch"] for e in d.events() if e.get("event") == "training_epoch"]
         assert epochs == sorted(set(epochs))  # one rank reports, each epoch once
         assert not list((d.state / "models").glob(".v*"))  # the config file went with the training
