@@ -226,6 +226,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError("network.station: must be set when network.nats is (the station's name)")
         if bool(n.tls_cert) != bool(n.tls_key):
             raise ConfigError("network.tls_cert, network.tls_key: go together (a client certificate and its key)")
+        for key in ("creds", "tls_ca", "tls_cert", "tls_key"):
+            path = getattr(n, key)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"network.{key}: no such file: {path!r}")
     return cfg
 
 

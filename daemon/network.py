@@ -526,6 +526,12 @@ class NetworkLink:
             return True
 
         await self._retrying("consume", step)
+        try:  # stopping: ack what the loop committed last (what is missed is redelivered and found stored)
+            while True:
+                for m in self.to_ack.get_nowait():
+                    await m.ack()
+        except (queue.Empty, Exception):
+            pass
 
     async def _put_versions(self, js: Any) -> None:
         from nats.js.api import ObjectMeta

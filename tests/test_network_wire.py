@@ -102,6 +102,7 @@ def test_network_table_is_validated(tmp_path):
         ('[network]\nstation = "a.b"\n', "network.station"),
         ('[network]\nnats = "nats://h:1"\nstation = "a"\ntls_cert = "c.pem"\n', "network.tls_cert"),
         ("[network]\nreplicas = 7\n", "network.replicas"),
+        ('[network]\nnats = "tls://h:1"\nstation = "a"\ntls_ca = "/nonexistent/ca.pem"\n', "network.tls_ca"),
     ]:
         with pytest.raises(ConfigError, match=key):
             cfg(text)
