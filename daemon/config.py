@@ -90,7 +90,8 @@ class Network:
     nats: str = ""  # NATS server URL(s), comma-separated: nats://127.0.0.1:4222, tls://host:4222
     station: str = ""  # this station's name ([A-Za-z0-9_-]); "" at the centre
     role: str = "station"  # station | centre (``wingbeat central`` sets centre)
-    creds: str = ""  # NATS credentials file (user JWT + nkey seed, from nsc)
+    creds: str = ""  # NATS credentials file (user JWT + nkey seed, from nsc): accounts in operator mode
+    nkey: str = ""  # or an nkey seed file (SU…): a server that lists users by public nkey, without JWTs
     tls_ca: str = ""  # CA bundle that signed the server's certificate
     tls_cert: str = ""  # client certificate and key, where the server asks for them
     tls_key: str = ""
@@ -226,7 +227,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError("network.station: must be set when network.nats is (the station's name)")
         if bool(n.tls_cert) != bool(n.tls_key):
             raise ConfigError("network.tls_cert, network.tls_key: go together (a client certificate and its key)")
-        for key in ("creds", "tls_ca", "tls_cert", "tls_key"):
+        if n.creds and n.nkey:
+            raise ConfigError("network.creds, network.nkey: one or the other (a creds file holds its own nkey)")
+        for key in ("creds", "nkey", "tls_ca", "tls_cert", "tls_key"):
             path = getattr(n, key)
             if path and not Path(path).is_file():
                 raise ConfigError(f"network.{key}: no such file: {path!r}")

@@ -299,6 +299,8 @@ class NetworkLink:
         }
         if c.creds:
             opts["user_credentials"] = c.creds
+        if c.nkey:
+            opts["nkeys_seed"] = c.nkey
         if c.tls_ca or c.tls_cert or any(u.strip().startswith("tls://") for u in c.nats.split(",")):
             ctx = ssl.create_default_context(cafile=c.tls_ca or None)
             if c.tls_cert:

@@ -435,30 +435,42 @@ def tls_files(d: Path) -> dict[str, Path]:
 
 @needs_nats
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificates")
-def test_tls_to_nats_with_the_configured_ca_and_refused_without_it(tmp_path, sim):
+def test_tls_and_nkey_to_nats_and_refused_without_either(tmp_path, sim):
+    """TLS with the configured CA and a user's nkey: forwarded. Without the CA (the system's CAs do not know this
+    server) or without the nkey (the server knows its users by public nkey): refused, the events wait."""
+    import nkeys
+
     f = tls_files(tmp_path / "tls")
-    tls = f'tls {{ cert_file: "{f["cert"]}", key_file: "{f["key"]}" }}'
-    nats = NatsServer(tmp_path / "nats", extra=tls)
+    seed = nkeys.encode_seed(bytes(range(32)), nkeys.PREFIX_BYTE_USER)
+    (tmp_path / "s.nk").write_bytes(seed + b"\n")
+    (tmp_path / "s.nk").chmod(0o600)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    auth = f'tls {{ cert_file: "{f["cert"]}", key_file: "{f["key"]}" }}\n'
+    auth += f"authorization {{ users: [ {{ nkey: {public} }} ] }}"
+    nats = NatsServer(tmp_path / "nats", extra=auth)
     url = f"tls://127.0.0.1:{nats.port}"
-    ca = f'"{f["ca"]}"'
+    ca, nk = f'"{f["ca"]}"', f'"{tmp_path / "s.nk"}"'
     rec = read_recordings(sim)
-    st = bad = None
+    daemons: list[Daemon] = []
     try:
-        good_cfg = station_config(tmp_path, "s1", url, tls_ca=ca)
-        bad_cfg = station_config(tmp_path, "s2", url)  # the system's CAs: not this server's
-        st, bad = start(lambda: Daemon(tmp_path / "s1", good_cfg), lambda: Daemon(tmp_path / "s2", bad_cfg))
-        assert send(st, rec, "trap", 0, 50).acked == 50 and send(bad, rec, "trap", 0, 20).acked == 20
-        wait_for(lambda: metric(st, "wingbeat_network_forwarded_total") == 50, 60)
+        cfgs = {
+            "s1": station_config(tmp_path, "s1", url, tls_ca=ca, nkey=nk),
+            "s2": station_config(tmp_path, "s2", url, nkey=nk),  # the system's CAs: not this server's
+            "s3": station_config(tmp_path, "s3", url, tls_ca=ca),  # no nkey: not a user of this server
+        }
+        daemons = start(*(lambda n=n, c=c: Daemon(tmp_path / n, c) for n, c in cfgs.items()))
+        st, no_ca, no_key = daemons
+        for d in daemons:
+            assert send(d, rec, "trap", 0, 20).acked == 20
+        wait_for(lambda: metric(st, "wingbeat_network_forwarded_total") == 20, 60)
         assert metric(st, "wingbeat_network_connected") == 1
-        assert stream_messages(nats) == 50  # no centre yet: the work queue keeps them
-        wait_for(lambda: metric(bad, "wingbeat_outbox_events") == 20, 20)
-        assert metric(bad, "wingbeat_network_connected") == 0
-        assert any(
-            e.get("event", "").startswith("network_") and "CERTIFICATE_VERIFY_FAILED" in e.get("error", "")
-            for e in bad.events()
-        )
+        assert stream_messages(nats) == 20  # no centre yet: the work queue keeps them
+        for d, why in ((no_ca, "CERTIFICATE_VERIFY_FAILED"), (no_key, "Authorization")):
+            wait_for(lambda d=d: metric(d, "wingbeat_outbox_events") == 20, 20)
+            assert metric(d, "wingbeat_network_connected") == 0
+            assert any(e.get("event", "").startswith("network_") and why in e.get("error", "") for e in d.events())
     finally:
-        for d in (st, bad):
-            if d is not None and d.proc.poll() is None:
+        for d in daemons:
+            if d.proc.poll() is None:
                 d.stop()
         nats.stop()
