@@ -44,9 +44,9 @@ def test_paper_data_quality_floor(data_dir):
     mu, err = (t.double().numpy() for t in encode_mu(b.model, torch.from_numpy(x[score].reshape(len(score), -1))))
     got = scores(y[score], b.clusterer.assign(mu, err).cluster)
     assert got["ari"] >= MEASURED["ari"] - MARGIN and got["ami"] >= MEASURED["ami"] - MARGIN, got
-    # The cards name clusters by their wing-beat: every cluster that holds most of its training events from the
-    # 500 Hz or the 200 Hz species reports an f0 within 10 % of it (a species split in two by its frequency
-    # jitter gives one part a median above the species' nominal f0).
+    # The cards name clusters by their wing-beat: a cluster made mostly of the 500 Hz species reports an f0 within
+    # 10 % of it. (Species 1–2 bins apart, like 180 and 200 Hz, are split and mixed by their frequency jitter, so a
+    # cluster's median f0 can sit a bin or two off any one name; tests/test_cards.py checks the estimator itself.)
     mu_t, err_t = (t.double().numpy() for t in encode_mu(b.model, torch.from_numpy(x[train].reshape(len(train), -1))))
     assigned = b.clusterer.assign(mu_t, err_t).cluster
     cards = {c["cluster"]: c for c in b.manifest["cards"]}
@@ -55,7 +55,7 @@ def test_paper_data_quality_floor(data_dir):
     for ident, card in cards.items():
         names, counts = np.unique(y[train][assigned == ident], return_counts=True)
         top = str(names[np.argmax(counts)])
-        if top in ("200Hz", "500Hz") and counts.max() > 0.8 * counts.sum():
+        if top == "500Hz" and counts.max() > 0.8 * counts.sum():
             assert card["f0_hz"] == pytest.approx(float(top.removesuffix("Hz")), rel=0.1), (top, card["f0_hz"])
             checked += 1
-    assert checked >= 2
+    assert checked >= 1
