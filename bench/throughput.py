@@ -7,7 +7,8 @@
    flight, 2048 by default); acked events/s;
 3. latency at a fixed rate: send → publish, measured by a subscriber here against the send time stamped in
    ``t0_ns`` by the sender (same clock); p50 / p99;
-4. the same two while a training runs in the background;
+4. the same two while a training runs in the background (on the CPU, resting to ``training.cpu_share`` of a core:
+   ``--trainer-share 1`` lets it take every idle cycle);
 5. ``--long N``: N more events, RSS of the daemon at start and end.
 Events: 2 channels, int16, 0.1–0.5 s at 20.8 kHz, from the simulator. Prints figures and ratios.
 """
@@ -29,6 +30,7 @@ import numpy as np
 import zmq
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAINER_SHARE = 0.0  # --trainer-share: training.cpu_share of the daemon under test (0 = its default)
 sys.path.insert(0, str(ROOT))
 
 from daemon.datasets import read_recordings
@@ -106,7 +108,7 @@ def start_daemon(work: Path, name: str, model: Path, threads: int | None) -> tup
         + '[publish]\nendpoint = "tcp://127.0.0.1:0"\n'
         '[metrics]\nlisten = "127.0.0.1:0"\n[store]\nraw_max_bytes = 268435456\n'
         "[training]\nfinetune_every_events = 100000000\nfull_every_events = 100000000\nfinetune_every_s = 0.0\n"
-        "epochs_full = 300\n"
+        "epochs_full = 300\n" + (f"cpu_share = {TRAINER_SHARE}\n" if TRAINER_SHARE else "")
     )
     state = work / f"{name}-state"
     log = open(work / f"{name}.log", "w")
@@ -159,7 +161,10 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--window", type=int, default=WINDOW, help="unacked events in flight per sender")
     ap.add_argument("--long", type=int, default=0, help="events of the memory run (0 = skip)")
+    ap.add_argument("--trainer-share", type=float, default=0.0, help="training.cpu_share (0 = the default)")
     args = ap.parse_args()
+    global TRAINER_SHARE
+    TRAINER_SHARE = args.trainer_share
     WINDOW = args.window
     work = Path(tempfile.mkdtemp(prefix="wingbeat-bench-"))
     data = work / "events.npz"

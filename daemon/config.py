@@ -69,6 +69,10 @@ class Training:
     gate_ari_tolerance: float = 0.02  # … and lose at most this much ARI on labelled events
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 1  # torch threads of the trainer process (of each rank)
+    # A training on the CPU rests between epochs so that it keeps at most this share of a core busy (1 = no rest):
+    # on a small box a trainer that fills every idle cycle, even at SCHED_IDLE, costs serving its p99 (the VM's
+    # cores are shared below it); 0.3 kept p99 under 100 ms at 500 events/s on 2 cores (docs/RESULTS.md)
+    cpu_share: float = 0.3
     nproc: int = 1  # ranks of a training: > 1 trains data-parallel under torchrun (one per GPU with CUDA)
     idle: bool = True  # the trainer under SCHED_IDLE: it gets a core only when serving leaves one free
     nice: int = 10  # the trainer's CPU priority below the serving loop's where SCHED_IDLE is off or refused
@@ -154,6 +158,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "training.device": (lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
     "training.threads": (lambda v: 1 <= v <= 256, "must be in 1–256"),
     "training.nproc": (lambda v: 1 <= v <= 64, "must be in 1–64"),
+    "training.cpu_share": (lambda v: 0.05 <= v <= 1, "must be in 0.05–1"),
     "training.nice": (lambda v: 0 <= v <= 19, "must be in 0–19"),
     "training.backoff_s": (lambda v: v >= 0, "must be ≥ 0"),
     "network.station": (lambda v: v == "" or re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v), "must be [A-Za-z0-9_-]{1,64}"),

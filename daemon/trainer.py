@@ -67,16 +67,37 @@ def daemon_alive(pid: int) -> bool:
     return os.getppid() != 1  # orphaned (re-parented to init): the daemon that started it is gone
 
 
+IOPRIO_SET = {"x86_64": 251, "aarch64": 30}  # syscall numbers of ioprio_set
+IOPRIO_CLASS_IDLE, IOPRIO_WHO_PROCESS = 3, 1
+
+
 def lower_priority(idle: bool, nice: int) -> str:
-    """Serving comes first: SCHED_IDLE (the trainer runs only on a core nothing else wants), else ``nice``."""
+    """Serving comes first: SCHED_IDLE (the trainer runs only on a core nothing else wants) and the idle I/O
+    class (its reads of torch and the store wait for the serving loop's commits and their fsyncs); else
+    ``nice``."""
     if idle and hasattr(os, "sched_setscheduler"):
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            return "idle"
         except OSError:
-            pass
+            idle = False
+    if idle:
+        try:
+            import ctypes
+            import platform
+
+            number = IOPRIO_SET.get(platform.machine())
+            if number is not None:
+                ctypes.CDLL(None, use_errno=True).syscall(number, IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << 13)
+        except (OSError, AttributeError):
+            pass  # CPU priority alone
+        return "idle"
     os.nice(nice)
     return f"nice {nice}"
+
+
+def rest_after(busy_s: float, share: float) -> float:
+    """Seconds to rest after ``busy_s`` seconds of work so that the work takes ``share`` of the time."""
+    return max(0.0, busy_s) * (1 / share - 1)
 
 
 def say(msg_type: str, **fields: Any) -> None:
@@ -154,6 +175,8 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any] | None:
         t0 = time.monotonic()
 
         def on_epoch(s: Any) -> None:
+            if dev.type == "cpu":
+                time.sleep(rest_after(s.seconds, t.cpu_share))
             if s.epoch == 3:
                 crash_point("trainer_epoch")
             if not daemon_alive(args.parent_pid):

@@ -129,6 +129,7 @@ listen = "127.0.0.1:{port_metrics}"
 {store}
 [training]
 {first}
+cpu_share = 1.0
 backoff_s = 1.0
 gate_ari_tolerance = 2.0
 {training}

@@ -220,3 +220,12 @@ def test_nan_drift_reference_never_triggers_on_reconstruction():
     s.serving(train_rec=math.nan)
     s.observe(10, [False] * 10, [1e9] * 10)
     assert s.due(0.0) == ""
+
+
+@pytest.mark.parametrize(
+    ("busy", "share", "rest"), [(0.2, 1.0, 0.0), (0.2, 0.5, 0.2), (0.3, 0.3, 0.7), (-1.0, 0.5, 0.0)]
+)
+def test_a_cpu_training_rests_to_its_share(busy, share, rest):
+    from daemon.trainer import rest_after
+
+    assert rest_after(busy, share) == pytest.approx(rest)

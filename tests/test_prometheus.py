@@ -331,6 +331,7 @@ endpoint = "tcp://127.0.0.1:0"
 [metrics]
 listen = "127.0.0.1:0"
 [training]
+cpu_share = 1.0
 first_after = 120
 epochs_first = 20
 finetune_every_events = 100000

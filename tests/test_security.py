@@ -103,6 +103,7 @@ endpoint = "tcp://127.0.0.1:0"
 [metrics]
 listen = "127.0.0.1:0"
 [training]
+cpu_share = 1.0
 first_after = 60
 epochs_first = 5
 [security]
