@@ -36,7 +36,7 @@ from daemon.security import SocketSecurity
 from daemon.store import Store
 from daemon.supervisor import Supervisor
 from daemon.systemd import Watchdog, reloading, sd_notify, watchdog_interval
-from daemon.versions import ModelDir
+from daemon.versions import ModelDir, Refused
 from model.checkpoint import CheckpointError, ModelVersion
 from model.cluster import NOVEL
 from model.spectra import FeatureConfig
@@ -101,24 +101,19 @@ class Service:
             self.log.warning("removed_partial_model", path=str(left))
         for n in self.store.abandon_claims("the daemon stopped during this training"):
             self.log.warning("training_abandoned", model_version=n)
-        if self.cfg.model:
-            version, n = self.models.import_(self.cfg.model)  # a bad --model is a start-up error, said in one line
-            if why := self._unservable(version):
-                self.models.discard(n)
-                self.store.record_model(n, "rejected", "imported", {}, why)
-                raise ConfigError(f"model: {self.cfg.model}: {why}")
+        if self.cfg.model:  # a bad --model is a start-up error, said in one line
+            try:
+                version, n = self.models.adopt(self.cfg.model, "imported", self._unservable)
+            except Refused as e:
+                raise ConfigError(f"model: {self.cfg.model}: {e}") from None
             self._swap(version, n, "imported", {"source": str(self.cfg.model)})
         else:
-            serving = [m["version"] for m in self.store.models() if m["status"] in ("serving", "retired")]
-            for n in sorted(serving, reverse=True):
-                try:
-                    version = self.models.load(n)
-                except CheckpointError as e:
+            for n, got in self.models.restorable():
+                if isinstance(got, CheckpointError):
                     self.metrics.models_rejected.labels("unreadable").inc()
-                    self.log.error("model_unreadable", model_version=n, error=str(e))
-                    continue
-                if not self._unservable(version):
-                    self._swap(version, n, "restored", {})
+                    self.log.error("model_unreadable", model_version=n, error=str(got))
+                elif not self._unservable(got):
+                    self._swap(got, n, "restored", {})
                     break
         if self.store.feature_config() is None:  # what the stored features are, from the first event on
             self.store.set_feature_config(self.features.__dict__)
@@ -298,21 +293,15 @@ class Service:
             return
         n, path = got
         try:
-            version, local = self.models.import_(path, at_least=n)
-        except CheckpointError as e:
-            self.metrics.models_rejected.labels("unreadable").inc()
-            self.log.error("model_unreadable", model_version=n, source="network", error=str(e))
+            version, local = self.models.adopt(path, "network", self._unservable, at_least=n)
+        except (CheckpointError, Refused) as e:
+            unreadable = isinstance(e, CheckpointError)
+            self.metrics.models_rejected.labels("unreadable" if unreadable else "gate").inc()
+            self.log.error("model_refused", model_version=n, source="network", error=str(e), unreadable=unreadable)
             net.refused(n)
             return
         finally:
             shutil.rmtree(path, ignore_errors=True)
-        if why := self._unservable(version):
-            self.models.discard(local)
-            self.store.record_model(local, "rejected", "network", {}, why)
-            self.metrics.models_rejected.labels("gate").inc()
-            self.log.warning("model_rejected", model_version=local, kind="network", reason=why, serving=self.version)
-            net.refused(n)
-            return
         self._swap(version, local, "network", {"network_version": n})
         net.served(n)
 

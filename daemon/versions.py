@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from daemon.faults import crash_point
@@ -78,6 +79,14 @@ def read_version(path: Path | str) -> ModelVersion:
 VERSION_DIR = re.compile(r"v(\d+)")
 
 
+class Refused(ValueError):
+    """A readable version that may not serve this store; ``n`` is the number it was recorded (rejected) under."""
+
+    def __init__(self, n: int, why: str) -> None:
+        super().__init__(why)
+        self.n = n
+
+
 class ModelDir:
     """The one owner of ``models/v<N>``: numbers are claimed in the store (never reused, never handed out twice),
     versions are imported, read, and discarded here."""
@@ -112,6 +121,28 @@ class ModelDir:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         os.replace(tmp, self.path(n))
         return version, n
+
+    def adopt(
+        self, source: Path | str, kind: str, unservable: Callable[[ModelVersion], str], at_least: int = 0
+    ) -> tuple[ModelVersion, int]:
+        """Import a version made elsewhere (``--model``, the network) and check that it may serve this store; a
+        refused one is discarded and recorded as rejected (its number stays used). Raises CheckpointError for a
+        version that cannot be read, Refused for one that may not serve."""
+        version, n = self.import_(source, at_least)
+        if why := unservable(version):
+            self.discard(n)
+            self.store.record_model(n, "rejected", kind, {}, why)
+            raise Refused(n, why)
+        return version, n
+
+    def restorable(self) -> Iterator[tuple[int, ModelVersion | CheckpointError]]:
+        """The versions that served here, newest first, each loaded (or why it cannot be)."""
+        served = [m["version"] for m in self.store.models() if m["status"] in ("serving", "retired")]
+        for n in sorted(served, reverse=True):
+            try:
+                yield n, self.load(n)
+            except CheckpointError as e:
+                yield n, e
 
     def load(self, n: int) -> ModelVersion:
         return read_version(self.path(n))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from daemon.config import ConfigError, load
-from daemon.network import WireError, decode_event, encode_event, msg_id, pack_version, unpack_version
+from daemon.network_wire import WireError, decode_event, encode_event, msg_id, pack_version, unpack_version
 from daemon.schema import MIGRATIONS
 from daemon.store import DB_NAME, Pooled, Store
 from model.checkpoint import FILES

@@ -1,0 +1,100 @@
+"""The store's tables of the network (``daemon.network``, DESIGN §9): a station's outbox (its own events above the
+forwarded watermark) and the centre's pooled events. Methods of ``daemon.store.Store``, kept in their own module."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from daemon.store import Quarantined
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """An event as a station forwarded it: metadata, features (float32 bytes) and, optionally, raw samples."""
+
+    station: str
+    sensor: str
+    seq: int
+    t0_ns: int
+    fs: float
+    dtype: str
+    channels: int
+    n_samples: int
+    label: str
+    meta: dict[str, Any]
+    features: bytes
+    raw: bytes | None
+
+
+class NetworkTables:
+    """Mixed into ``Store``: its connection, transaction helper and raw-byte count are the store's."""
+
+    db: sqlite3.Connection
+    _raw_bytes: int | None
+
+    def _tx(self) -> AbstractContextManager[None]:
+        raise NotImplementedError  # Store's
+
+    # ---- the network (daemon.network): the station's outbox, the centre's pooled events ----------------------
+    def ingest_pooled(self, events: list[Pooled], rejects: list[Quarantined]) -> list[int]:
+        """Store events forwarded by stations, with their features, and malformed messages, in one transaction;
+        return event IDs (−1: that (station, sensor, seq) is stored already, a redelivery)."""
+        now = time.time_ns()
+        ids: list[int] = []
+        with self._tx():
+            for p in events:
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO events (station, sensor, seq, t0_ns, fs, dtype, channels, n_samples, label,"
+                    " meta, received_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (p.station, p.sensor, p.seq, p.t0_ns, p.fs, p.dtype, p.channels, p.n_samples, p.label,
+                     json.dumps(p.meta), now),
+                )  # fmt: skip
+                if cur.rowcount == 0:
+                    ids.append(-1)
+                    continue
+                eid = int(cur.lastrowid or 0)
+                ids.append(eid)
+                self.db.execute("INSERT INTO features VALUES (?, ?)", (eid, p.features))
+                if p.raw is not None:
+                    self.db.execute("INSERT INTO raw VALUES (?, ?)", (eid, p.raw))
+                    if self._raw_bytes is not None:
+                        self._raw_bytes += len(p.raw)
+            self.db.executemany(
+                "INSERT INTO quarantine (received_ns, reason, detail, sensor, seq, frames, endpoint)"
+                " VALUES (?,?,?,?,?,?,?)",
+                [(now, *q) for q in rejects],
+            )
+        return ids
+
+    def forwarded(self) -> int:
+        """The outbox watermark: this daemon's events up to this ID are acked by JetStream."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'forwarded'").fetchone()
+        return int(row[0]) if row else 0
+
+    def set_forwarded(self, event_id: int) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('forwarded', ?)", (str(event_id),))
+
+    def outbox(self, after_id: int, limit: int, raw: bool) -> list[tuple[Any, ...]]:
+        """This daemon's own events above ``after_id``, oldest first: (id, sensor, seq, t0_ns, fs, dtype, channels,
+        n_samples, label, meta, features, raw samples or None)."""
+        samples = "(SELECT samples FROM raw r WHERE r.event_id = e.id)" if raw else "NULL"
+        return self.db.execute(
+            "SELECT e.id, e.sensor, e.seq, e.t0_ns, e.fs, e.dtype, e.channels, e.n_samples, e.label, e.meta, f.data,"
+            f" {samples} FROM events e JOIN features f ON f.event_id = e.id WHERE e.id > ? AND e.station = ''"
+            " ORDER BY e.id LIMIT ?",
+            (after_id, limit),
+        ).fetchall()
+
+    def outbox_depth(self, after_id: int) -> tuple[int, int | None]:
+        """(events above ``after_id`` not yet forwarded, received_ns of the oldest of them or None)."""
+        n, oldest = self.db.execute(
+            "SELECT count(*), min(received_ns) FROM events WHERE id > ? AND station = ''", (after_id,)
+        ).fetchone()
+        return int(n), oldest
