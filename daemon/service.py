@@ -201,7 +201,8 @@ class Service:
 
     def commit(self, job: Job) -> None:
         """Store a featurised batch in one transaction, then ack it and publish its outputs."""
-        caught_up = self.store.last_output_id() == self.store.max_event_id()
+        # outputs go with the batch only when a model serves and nothing older waits for one (two queries: only then)
+        caught_up = self.model is not None and self.store.last_output_id() == self.store.max_event_id()
         p = process(
             job.decoded, job.featurised(), self.model, self.version, caught_up, self.cfg.ingest.quarantine_frame_bytes
         )
