@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -238,8 +239,10 @@ def tail(
     try:
         while count <= 0 or n < count:
             left = timeout_s - (time.monotonic() - last)
-            if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+            if left <= 0:
                 break
+            if not sock.poll(max(1, math.ceil(left * 1000))):
+                continue  # the poll may wake a little early: the loop checks the clock again
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
