@@ -34,6 +34,7 @@ class Mode(str, Enum):
 
 
 class ClusterMethod(str, Enum):
+    ward = "ward"
     dp = "dp"
     bic = "bic"
 
@@ -140,7 +141,10 @@ def train(
     ] = None,
     clusters: Annotated[
         ClusterMethod | None,
-        typer.Option(help="How K is chosen: dp (Dirichlet-process mixture) or bic (default dp; bic with --reference)."),
+        typer.Option(
+            help="How K is chosen: ward (Ward's hierarchy cut at the best silhouette), dp (Dirichlet-process "
+            "mixture) or bic (default ward; bic with --reference)."
+        ),
     ] = None,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch.")] = 1,
@@ -198,7 +202,7 @@ def train(
         free_bits=(0.0 if reference else TrainConfig.free_bits) if free_bits is None else free_bits,
     )
     cluster_cfg = ClusterConfig(
-        method=(clusters or (ClusterMethod.bic if reference else ClusterMethod.dp)).value, seed=seed
+        method=(clusters or (ClusterMethod.bic if reference else ClusterMethod.ward)).value, seed=seed
     )
     if semi_supervised and ds.labelled.sum() == 0:
         raise ValueError(f"--semi-supervised: {data} has no labelled events")

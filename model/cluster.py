@@ -1,8 +1,14 @@
 """Latent clusters (DESIGN §5): a Gaussian mixture over μ, novelty, stable-ID alignment. Pure.
 
-Two ways to choose the number of components, both up to ``k_max``:
+Three ways to choose the number of clusters, all up to ``k_max``:
 
-- ``"dp"`` (default): a variational Dirichlet-process mixture (``BayesianGaussianMixture``, truncated at
+- ``"ward"`` (default): Ward's hierarchy over the standardised latent of a subsample, cut where the mean
+  silhouette is highest; each cluster is then modelled by a small full-covariance mixture, so a cluster may be
+  elongated or bent. The silhouette finds K without being told. On the latents of the protocol's choose events
+  (docs/RESULTS.md) it lifted simulated recordings from ARI 0.51 to 0.72 and the worst paper seed from 0.35 to
+  0.42 against the DP consensus. It favours compact groups: thin bands far longer than the gaps between them
+  are cut across (on three parallel bands ARI 0.42, the DP mixture 0.77); a VAE latent measured otherwise.
+- ``"dp"``: a variational Dirichlet-process mixture (``BayesianGaussianMixture``, truncated at
   ``k_max``) switches off the components the data do not need. On the paper's data it measured better than BIC:
   a VAE latent is not a union of Gaussians, and BIC keeps adding components to fit curved clusters (K = 18–19
   for 11 species), where the DP mixture settles at 9–12 (docs/RESULTS.md).
@@ -22,27 +28,29 @@ import scipy.cluster.hierarchy
 import scipy.linalg
 import scipy.optimize
 import scipy.spatial.distance
+import sklearn.metrics
 from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
 
 NOVEL = -1
-METHODS = ("dp", "bic")
+METHODS = ("ward", "dp", "bic")
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    method: str = "dp"
+    method: str = "ward"
     k_min: int = 1  # bic: K in [k_min, k_max]
-    k_max: int = 20  # dp: truncation level
+    k_max: int = 20  # ward: largest cut tried; dp: truncation level; bic: largest K
     concentration: float = 1e-2  # dp: Dirichlet-process concentration (smaller → fewer clusters)
     min_weight: float = 1e-3  # dp: components below this weight are dropped
     n_init: int = 2
     dp_inits: tuple[str, ...] = ("kmeans", "k-means++", "random_from_data")  # dp: kinds of start
     dp_combine: str = "consensus"  # dp: "consensus" of all fits (see _dp_consensus) or "best_bound"
     dp_restarts: int = 3  # dp consensus: fits per kind of start
+    ward_events: int = 4000  # ward: the subsample clustered (Ward's memory and the silhouette grow with its square)
     consensus_events: int = 2000  # dp consensus: subsample on which the fits' agreement is measured
     consensus_cut: float = 0.5  # dp consensus: events together when at least this fraction of fits agree
-    group_components: int = 3  # dp consensus: most Gaussian components modelling one cluster
-    min_cluster_fraction: float = 0.01  # dp consensus: smaller groups of the subsample are not clusters
+    group_components: int = 3  # ward, dp consensus: most Gaussian components modelling one cluster
+    min_cluster_fraction: float = 0.01  # ward, dp consensus: smaller groups of the subsample are not clusters
     max_fit_events: int = 20_000  # larger sets are subsampled for the fit (seeded)
     novelty_quantile: float = 0.995  # training events above this quantile of either score are "novel"
     merge_min_share: float = 0.25  # with labels: see merge_by_labels
@@ -64,8 +72,10 @@ class ClusterConfig:
                 f"need 0 < consensus_cut < 1, dp_restarts >= 1 and group_components >= 1, got {self.consensus_cut}, "
                 f"{self.dp_restarts} and {self.group_components}"
             )
-        if self.consensus_events < 10:
-            raise ValueError(f"consensus_events must be >= 10, got {self.consensus_events}")
+        if self.consensus_events < 10 or self.ward_events < 10:
+            raise ValueError(
+                f"consensus_events and ward_events must be >= 10, got {self.consensus_events} and {self.ward_events}"
+            )
         if not 1 <= self.k_min <= self.k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min} and {self.k_max}")
         if not 0.5 < self.novelty_quantile <= 1:
@@ -313,9 +323,52 @@ def _dp_consensus(
     co /= fits
     link = scipy.cluster.hierarchy.linkage(scipy.spatial.distance.squareform(1 - co, checks=False), "average")
     lab = scipy.cluster.hierarchy.fcluster(link, 1 - cfg.consensus_cut, "distance") - 1
+    return _model_groups(sub, lab, cfg)
+
+
+def _ward_silhouette(
+    x: np.ndarray, cfg: ClusterConfig, k_max: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Ward's hierarchy over the standardised latent of a subsample, cut at the K (2 … k_max) of the highest mean
+    silhouette; each cluster modelled by a small mixture (``_model_groups``).
+
+    The latent is standardised per dimension first (Ward's criterion is a sum of squares, so a dimension with a
+    larger spread would otherwise weigh more); the fitted Gaussians are mapped back to the latent's own units.
+
+    Returns
+    -------
+    weights (K,), means (K, latent), covariances (K, latent, latent), groups (K,) cluster of each component.
+    """
+    sub = x if len(x) <= cfg.ward_events else x[rng.choice(len(x), cfg.ward_events, replace=False)]  # (n, latent)
+    centre, scale = sub.mean(axis=0), sub.std(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    z = (sub - centre) / scale
+    top = min(k_max, len(z) - 1)
+    lab = np.zeros(len(z), np.int64)
+    if top >= 2:
+        link = scipy.cluster.hierarchy.linkage(z, "ward")
+        best = -np.inf
+        for k in range(2, top + 1):
+            cut = scipy.cluster.hierarchy.fcluster(link, k, "maxclust") - 1
+            if len(np.unique(cut)) < 2:
+                continue
+            score = float(sklearn.metrics.silhouette_score(z, cut))
+            if score > best:
+                best, lab = score, cut
+    weights, means, covariances, groups = _model_groups(z, lab, cfg)
+    return weights, centre + means * scale, covariances * np.outer(scale, scale)[None], groups
+
+
+def _model_groups(
+    sub: np.ndarray, lab: np.ndarray, cfg: ClusterConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each group of ``sub`` (events, latent) labelled by ``lab`` (events,) as a full-covariance mixture of up to
+    ``cfg.group_components`` Gaussians chosen by BIC; groups smaller than ``cfg.min_cluster_fraction`` of the events
+    are left out. Returns weights (K,), means, covariances, groups (K,) cluster of each component."""
     sizes = np.bincount(lab)
-    # clusters of a few stray events are left out: their events go to the nearest cluster or are novel
-    big = np.flatnonzero(sizes >= max(2, cfg.min_cluster_fraction * len(sub)))
+    # clusters of a few stray events are left out: their events go to the nearest cluster or are novel. A cluster
+    # needs more events than the latent has dimensions, or its covariance is singular.
+    big = np.flatnonzero(sizes >= max(sub.shape[1] + 2, cfg.min_cluster_fraction * len(sub)))
     if not len(big):  # nothing but stray events (a handful of events, no agreement): one cluster of them all
         lab, sizes, big = np.zeros(len(sub), np.int64), np.array([len(sub)]), np.array([0])
     parts = []
@@ -354,7 +407,9 @@ def fit_clusterer(
     k_max = min(cfg.k_max, len(fit_on))
     bics = []
     groups: np.ndarray | None = None
-    if cfg.method == "dp" and cfg.dp_combine == "consensus":
+    if cfg.method == "ward":
+        weights, means, covariances, groups = _ward_silhouette(fit_on, cfg, k_max, rng)
+    elif cfg.method == "dp" and cfg.dp_combine == "consensus":
         weights, means, covariances, groups = _dp_consensus(fit_on, cfg, k_max, rng)
     elif cfg.method == "dp":
         # the fit with the highest lower bound (the model's own criterion: same prior, same events) is kept

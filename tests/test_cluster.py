@@ -11,7 +11,7 @@ def blobs(seed: int = 0, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
     return centres[y] + rng.normal(0, 0.5, (n, 2)), y
 
 
-@pytest.mark.parametrize("method", ["dp", "bic"])
+@pytest.mark.parametrize("method", ["ward", "dp", "bic"])
 def test_finds_three_blobs_and_ids_follow_size(method):
     mu, y = blobs()
     c = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(method=method, k_max=6))
@@ -201,3 +201,39 @@ def test_a_handful_of_events_still_gets_clusters(n):
     c = fit_clusterer(mu, np.ones(n), ClusterConfig())
     a = c.assign(mu, np.ones(n))
     assert c.k >= 1 and len(a.cluster) == n and np.isfinite(a.probability).all()
+
+
+def test_ward_cuts_where_the_silhouette_is_highest_and_reports_in_the_latents_units():
+    """The known answer: scikit-learn's Ward and silhouette on the standardised events, K = 2 … k_max. The latent's
+    dimensions differ in scale by 10⁶; the fitted clusters' means come back in the latent's own units."""
+    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+    rng = np.random.default_rng(4)
+    centres = np.array([[-4.0, 0.0], [4.0, 0.0], [0.0, 5.0], [0.0, -5.0], [6.0, 6.0]])
+    y = rng.integers(0, 5, 600)
+    mu = (centres[y] + rng.normal(0, 1.2, (600, 2))) * np.array([1000.0, 0.001])
+    z = (mu - mu.mean(axis=0)) / mu.std(axis=0)
+    sil = {
+        k: silhouette_score(z, AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(z))
+        for k in range(2, 9)
+    }
+    c = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(method="ward", k_max=8))
+    assert c.k == max(sil, key=sil.get) == 5
+    assert adjusted_rand_score(y, c.components(mu)) > 0.9
+    found = c.cluster_means[np.argsort(c.cluster_means[:, 0] + 1e6 * c.cluster_means[:, 1])]
+    want = centres * np.array([1000.0, 0.001])
+    want = want[np.argsort(want[:, 0] + 1e6 * want[:, 1])]
+    np.testing.assert_allclose(found / np.array([1000.0, 0.001]), want / np.array([1000.0, 0.001]), atol=0.4)
+
+
+def test_ward_subsamples_large_sets_and_a_tiny_set_is_one_cluster():
+    mu, y = blobs(3, n=900)
+    c = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(method="ward", ward_events=200, seed=1))
+    from sklearn.metrics import adjusted_rand_score
+
+    assert c.k == 3 and adjusted_rand_score(y, c.components(mu)) > 0.97
+    two = fit_clusterer(mu[:2], np.ones(2), ClusterConfig(method="ward"))
+    assert two.k == 1 and (two.assign(mu[:2]).cluster == 0).all()
+    with pytest.raises(ValueError, match="ward_events"):
+        ClusterConfig(ward_events=5)
