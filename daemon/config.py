@@ -105,6 +105,7 @@ class Network:
     stream: str = "WINGBEAT_EVENTS"
     bucket: str = "wingbeat-models"
     durable: str = "wingbeat-central"  # the centre's consumer
+    keep_versions: int = 5  # the bucket keeps the newest N versions; the centre deletes older ones after each put
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "network.station": (lambda v: v == "" or re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v), "must be [A-Za-z0-9_-]{1,64}"),
     "network.role": (lambda v: v in ("station", "centre"), "must be station or centre"),
     "network.replicas": (lambda v: 1 <= v <= 5, "must be in 1–5"),
+    "network.keep_versions": (lambda v: v >= 1, "must be ≥ 1 (stations take the newest)"),
     "network.stream": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v), "must be [A-Za-z0-9_-]{1,64}"),
     "network.bucket": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v), "must be [A-Za-z0-9_-]{1,64}"),
     "network.durable": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v), "must be [A-Za-z0-9_-]{1,64}"),

@@ -46,6 +46,7 @@ from daemon.network_wire import (
     encode_event,
     output_subject,
     pack_version,
+    stale_versions,
     unpack_version,
 )
 from daemon.protocol import Output
@@ -433,6 +434,10 @@ class NetworkLink:
                 await obs.put(f"v{n}", data, meta=ObjectMeta(name=f"v{n}", description="wingbeat model version"))
                 self.log.info("network_version_put", model_version=n, bytes=len(data))
                 del pending[n]
+            live = [i.name for i in await obs.list() if not i.deleted]
+            for name in stale_versions(live, self.cfg.keep_versions):  # the bucket does not grow for ever
+                await obs.delete(name)
+                self.log.info("network_version_deleted", name=name, keep=self.cfg.keep_versions)
             return True
 
         await self._retrying("put_versions", step)

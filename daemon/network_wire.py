@@ -113,6 +113,13 @@ def decode_event(body: bytes, features: dict[str, Any] | None) -> Pooled:
     return Pooled(station, sensor, seq, t0, fs, dtype, channels, n_samples, label, meta, data, raw)
 
 
+def stale_versions(names: list[str], keep: int) -> list[str]:
+    """The version objects (``v<N>``) of a bucket listing beyond the newest ``keep``, oldest first; other names
+    are not versions and are left alone."""
+    numbered = sorted((int(m.group(1)), n) for n in names if (m := VERSION_NAME.fullmatch(n)))
+    return [n for _, n in numbered[: max(0, len(numbered) - keep)]]
+
+
 def pack_version(path: Path) -> bytes:
     """A model version directory as one object: an uncompressed tar of its files, nothing else."""
     buf = io.BytesIO()

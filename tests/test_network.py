@@ -474,3 +474,72 @@ def test_tls_and_nkey_to_nats_and_refused_without_either(tmp_path, sim):
             if d.proc.poll() is None:
                 d.stop()
         nats.stop()
+
+
+def bucket_names(url: str, bucket: str) -> list[str]:
+    """The live object names of a JetStream object store, read with the nats-py client."""
+    import asyncio
+
+    import nats
+    from nats.js.errors import BucketNotFoundError
+
+    async def names() -> list[str]:
+        nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+        try:
+            obs = await nc.jetstream(timeout=5).object_store(bucket)
+            return sorted(i.name for i in await obs.list() if not i.deleted)
+        except BucketNotFoundError:  # not created yet
+            return []
+        finally:
+            await nc.close()
+
+    return asyncio.run(names())
+
+
+@needs_nats
+def test_the_centre_keeps_only_the_newest_versions_in_the_bucket(tmp_path):
+    """Versions 1–4 offered by the centre's link with keep_versions = 2: the bucket ends with v3 and v4, each as put."""
+    from daemon.config import Network
+    from daemon.metrics import Metrics
+    from daemon.network import NetworkLink
+    from daemon.network_wire import unpack_version
+    from daemon.store import Store
+    from model.checkpoint import FILES
+
+    nats = NatsServer(tmp_path / "nats")
+    store = Store(tmp_path / "state")
+    link = NetworkLink(Network(nats=nats.url, role="centre", keep_versions=2), tmp_path / "state", store, Metrics())
+    try:
+        link.start(0, None)
+        for n in range(1, 5):
+            version = tmp_path / f"v{n}"
+            version.mkdir()
+            for name in FILES:
+                (version / name).write_bytes(f"{name} of version {n}".encode())
+            link.offer_version(n, version)
+            wait_for(lambda n=n: f"v{n}" in bucket_names(nats.url, "wingbeat-models"), 30)
+        wait_for(lambda: bucket_names(nats.url, "wingbeat-models") == ["v3", "v4"], 30)
+    finally:
+        link.stop(store)
+        store.close()
+    nats.stop()
+    nats.start()  # what the server kept on disk, read after a restart
+    try:
+        import asyncio
+
+        import nats as nats_client
+
+        async def get(name: str) -> bytes:
+            nc = await nats_client.connect(nats.url, connect_timeout=5)
+            try:
+                return (await (await nc.jetstream(timeout=5).object_store("wingbeat-models")).get(name)).data
+            finally:
+                await nc.close()
+
+        assert bucket_names(nats.url, "wingbeat-models") == ["v3", "v4"]
+        got = unpack_version(asyncio.run(get("v4")), tmp_path / "got" / "v4")
+        assert {name: (got / name).read_bytes() for name in FILES} == {
+            name: f"{name} of version 4".encode() for name in FILES
+        }
+    finally:
+        nats.stop()

@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 
 from daemon.config import ConfigError, load
-from daemon.network_wire import WireError, decode_event, encode_event, msg_id, pack_version, unpack_version
+from daemon.network_wire import (
+    WireError,
+    decode_event,
+    encode_event,
+    msg_id,
+    pack_version,
+    stale_versions,
+    unpack_version,
+)
 from daemon.schema import MIGRATIONS
 from daemon.store import DB_NAME, Pooled, Store
 from model.checkpoint import FILES
@@ -102,6 +110,7 @@ def test_network_table_is_validated(tmp_path):
         ('[network]\nstation = "a.b"\n', "network.station"),
         ('[network]\nnats = "nats://h:1"\nstation = "a"\ntls_cert = "c.pem"\n', "network.tls_cert"),
         ("[network]\nreplicas = 7\n", "network.replicas"),
+        ("[network]\nkeep_versions = 0\n", "network.keep_versions"),
         ('[network]\nnats = "tls://h:1"\nstation = "a"\ntls_ca = "/nonexistent/ca.pem"\n', "network.tls_ca"),
     ]:
         with pytest.raises(ConfigError, match=key):
@@ -133,3 +142,10 @@ def test_a_schema_2_store_migrates_to_events_unique_by_station(tmp_path):
     st.set_forwarded(12)
     assert st.forwarded() == 12 and st.outbox_depth(12)[0] == 30 - 12
     st.close()
+
+
+def test_the_bucket_keeps_the_newest_versions_by_number_not_by_name():
+    names = ["v9", "v10", "v2", "notes", "v1", "v011x"]
+    assert stale_versions(names, 2) == ["v1", "v2"]  # v10 is newer than v9; "notes" and "v011x" are not versions
+    assert stale_versions(names, 4) == [] and stale_versions([], 1) == []
+    assert stale_versions(["v3", "v1", "v2"], 1) == ["v1", "v2"]
