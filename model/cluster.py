@@ -1,4 +1,5 @@
-"""Latent clusters (DESIGN §5): a Gaussian mixture over μ, novelty, stable-ID alignment. Pure.
+"""Latent clusters (DESIGN §5): fitting the mixture over μ (``model.mixture`` holds the fitted one), stable-ID
+alignment. Pure.
 
 Three ways to choose the number of clusters, all up to ``k_max``:
 
@@ -20,18 +21,28 @@ nothing but those arrays.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.cluster.hierarchy
-import scipy.linalg
 import scipy.optimize
 import scipy.spatial.distance
 import sklearn.metrics
 from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
 
-NOVEL = -1
+from model.mixture import NOVEL, Assignment, LatentClusterer
+
+__all__ = [
+    "NOVEL",
+    "Assignment",
+    "ClusterConfig",
+    "LatentClusterer",
+    "align_ids",
+    "dp_mixture",
+    "fit_clusterer",
+    "merge_by_labels",
+]
+
 METHODS = ("ward", "dp", "bic")
 
 
@@ -80,162 +91,6 @@ class ClusterConfig:
             raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min} and {self.k_max}")
         if not 0.5 < self.novelty_quantile <= 1:
             raise ValueError(f"novelty_quantile must be in (0.5, 1], got {self.novelty_quantile}")
-
-
-@dataclass
-class Assignment:
-    cluster: np.ndarray  # (events,) int64 stable IDs, NOVEL for novel events
-    probability: np.ndarray  # (events,) posterior of the chosen component
-    novelty: np.ndarray  # (events,) ≥ 0; > 1 means beyond the training quantile of likelihood or reconstruction
-
-
-@dataclass
-class LatentClusterer:
-    """A fitted full-covariance mixture whose components are grouped into clusters.
-
-    ``groups[j]`` is the cluster (0 … k−1) of component j and ``ids[c]`` the stable ID of cluster c. Without
-    labels every component is its own cluster; with calibration labels, components whose labelled events are
-    mostly one species form one cluster (``merge_by_labels``), so a species the mixture tiles with several
-    Gaussians (a curved group in the latent) is still one cluster.
-    """
-
-    weights: np.ndarray  # (K components,)
-    means: np.ndarray  # (K, latent)
-    covariances: np.ndarray  # (K, latent, latent)
-    ids: np.ndarray  # (k clusters,) int64
-    nll_threshold: float  # −log-likelihood of μ at the novelty quantile of training events
-    rec_threshold: float  # reconstruction error at the same quantile
-    bic: np.ndarray  # (K tried, 2): K and its BIC, for the record (empty for "dp")
-    groups: np.ndarray | None = None  # (K,) int64 cluster of each component; None: one cluster per component
-
-    def __post_init__(self) -> None:
-        if self.groups is None:
-            self.groups = np.arange(len(self.weights), dtype=np.int64)
-
-    @property
-    def k(self) -> int:
-        """Number of clusters (not components)."""
-        return len(self.ids)
-
-    @property
-    def cluster_means(self) -> np.ndarray:
-        """(k, latent): the weighted mean of each cluster's component means."""
-        g = self._groups
-        w = np.zeros(self.k)
-        np.add.at(w, g, self.weights)
-        out = np.zeros((self.k, self.means.shape[1]))
-        np.add.at(out, g, self.weights[:, None] * self.means)
-        return out / np.maximum(w, 1e-300)[:, None]
-
-    @property
-    def _groups(self) -> np.ndarray:
-        assert self.groups is not None  # set in __post_init__
-        return self.groups
-
-    @functools.cached_property
-    def _precisions_cholesky(self) -> np.ndarray:
-        """(K, latent, latent): ``P`` with ``P Pᵀ = Σ⁻¹``, as sklearn's ``precisions_cholesky_`` (full)."""
-        eye = np.eye(self.means.shape[1])
-        return np.stack(
-            [
-                scipy.linalg.solve_triangular(scipy.linalg.cholesky(c, lower=True), eye, lower=True).T
-                for c in self.covariances
-            ]
-        )
-
-    def _weighted_log_prob(self, mu: np.ndarray) -> np.ndarray:
-        """(events, K): log wₖ + log N(μ | meansₖ, Σₖ), as ``GaussianMixture._estimate_weighted_log_prob``;
-        here without sklearn's per-call checks, which cost milliseconds on the small batches of the serving loop."""
-        pc = self._precisions_cholesky
-        d = mu.shape[1]
-        y = np.einsum("nd,kde->nke", mu, pc) - np.einsum("kd,kde->ke", self.means, pc)[None]
-        log_det = np.log(np.diagonal(pc, axis1=1, axis2=2)).sum(axis=1)
-        return -0.5 * (d * np.log(2 * np.pi) + np.einsum("nke,nke->nk", y, y)) + log_det + np.log(self.weights)
-
-    def score_samples(self, mu: np.ndarray) -> np.ndarray:
-        """(events,) log-likelihood of each μ under the mixture."""
-        return _logsumexp(self._weighted_log_prob(np.asarray(mu, np.float64)))
-
-    def assign(self, mu: np.ndarray, rec_error: np.ndarray | None = None) -> Assignment:
-        """Cluster IDs, posteriors and novelty for latent means ``mu`` (events, latent)."""
-        mu = np.asarray(mu, dtype=np.float64)
-        if len(mu) == 0:
-            return Assignment(np.empty(0, np.int64), np.empty(0), np.empty(0))
-        wlp = self._weighted_log_prob(mu)
-        score = _logsumexp(wlp)
-        post = self._cluster_posterior(wlp, score)  # (events, k)
-        comp = post.argmax(axis=1)
-        probability = post[np.arange(len(mu)), comp]
-        novelty = _ratio(-score, self.nll_threshold)
-        if rec_error is not None:
-            novelty = np.maximum(novelty, _ratio(np.asarray(rec_error, np.float64), self.rec_threshold))
-        cluster = np.where(novelty > 1, NOVEL, self.ids[comp]).astype(np.int64)
-        return Assignment(cluster, probability, novelty)
-
-    def _cluster_posterior(self, wlp: np.ndarray, score: np.ndarray) -> np.ndarray:
-        """(events, k) posterior of each cluster: the sum over its components' posteriors."""
-        post = np.exp(wlp - score[:, None])  # (events, K components)
-        if self.k == len(self.weights) and (self._groups == np.arange(self.k)).all():
-            return post
-        out = np.zeros((len(post), self.k))
-        np.add.at(out.T, self._groups, post.T)
-        return out
-
-    def components(self, mu: np.ndarray) -> np.ndarray:
-        """Cluster index 0 … k−1 (not stable ID) of each row, ignoring novelty."""
-        wlp = self._weighted_log_prob(np.asarray(mu, np.float64))
-        return self._cluster_posterior(wlp, _logsumexp(wlp)).argmax(axis=1)
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "weights": self.weights,
-            "means": self.means,
-            "covariances": self.covariances,
-            "ids": self.ids,
-            "thresholds": np.array([self.nll_threshold, self.rec_threshold]),
-            "bic": self.bic,
-            "groups": self._groups,
-        }
-
-    @classmethod
-    def from_arrays(cls, a: dict[str, np.ndarray]) -> LatentClusterer:
-        k = len(a["weights"])
-        groups = a.get("groups", np.arange(k))  # versions written before clusters had several components
-        n_clusters = int(groups.max()) + 1 if len(groups) else 0
-        shapes_ok = (
-            a["means"].ndim == 2
-            and a["means"].shape[0] == k
-            and a["covariances"].shape == (k, a["means"].shape[1], a["means"].shape[1])
-            and groups.shape == (k,)
-            and set(groups.tolist()) == set(range(n_clusters))
-            and a["ids"].shape == (n_clusters,)
-            and a["thresholds"].shape == (2,)
-        )
-        if not shapes_ok or k == 0:
-            raise ValueError("clusterer arrays have inconsistent shapes")
-        if not all(np.isfinite(v).all() for v in a.values()):
-            raise ValueError("clusterer arrays contain non-finite values")
-        return cls(
-            a["weights"].astype(np.float64),
-            a["means"].astype(np.float64),
-            a["covariances"].astype(np.float64),
-            a["ids"].astype(np.int64),
-            float(a["thresholds"][0]),
-            float(a["thresholds"][1]),
-            a["bic"].astype(np.float64),
-            groups.astype(np.int64),
-        )
-
-
-def _logsumexp(a: np.ndarray) -> np.ndarray:
-    """log Σⱼ exp(a[:, j]), stable; (events, K) → (events,)."""
-    top = a.max(axis=1, keepdims=True)
-    return (top + np.log(np.exp(a - top).sum(axis=1, keepdims=True)))[:, 0]
-
-
-def _ratio(score: np.ndarray, threshold: float) -> np.ndarray:
-    """Score relative to its threshold, shifted so that the threshold maps to 1 whatever the sign of scores."""
-    return np.maximum(0.0, 1.0 + (score - threshold) / max(abs(threshold), 1e-12))
 
 
 def dp_mixture(cfg: ClusterConfig, k_max: int, init: str) -> BayesianGaussianMixture:
