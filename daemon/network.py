@@ -16,7 +16,8 @@ only through thread-safe queues and two integers, never waits on the network, an
   and downloads a newer version into ``incoming/``; the loop imports it through ``ModelDir.import_`` (checked as a
   local one is) under the same number, and swaps it in between batches.
 
-The messages and the packing of versions are pure, in ``daemon.network_wire``.
+The messages and the packing of versions are pure, in ``daemon.network_wire``; the bucket's side of versions is
+``daemon.network_versions``.
 """
 
 from __future__ import annotations
@@ -36,18 +37,14 @@ from typing import Any
 from daemon import logs
 from daemon.config import Network as NetworkConfig
 from daemon.metrics import Metrics
+from daemon.network_versions import BucketVersions
 from daemon.network_wire import (
     EVENTS,
-    MAX_VERSION_BYTES,
     QUARANTINE_FRAME_BYTES,
-    VERSION_NAME,
     WireError,
     decode_event,
     encode_event,
     output_subject,
-    pack_version,
-    stale_versions,
-    unpack_version,
 )
 from daemon.protocol import Output
 from daemon.store import Pooled, Quarantined, Store
@@ -64,7 +61,7 @@ class Batch:
 
 
 # ---- the stage ---------------------------------------------------------------------------------------------------
-class NetworkLink:
+class NetworkLink(BucketVersions):
     """One thread running nats-py. The serving loop calls ``record``, ``pool``, ``take_version``, ``served``,
     ``refused``, ``publish`` and ``offer_version``; none of them waits."""
 
@@ -287,16 +284,6 @@ class NetworkLink:
         except Exception:
             await js.add_stream(want)
 
-    async def _bucket(self, js: Any) -> Any:
-        from nats.js.api import ObjectStoreConfig
-
-        try:
-            return await js.object_store(self.cfg.bucket)
-        except Exception:
-            return await js.create_object_store(
-                self.cfg.bucket, ObjectStoreConfig(bucket=self.cfg.bucket, replicas=self.cfg.replicas)
-            )
-
     # station: the outbox
     async def _forward(self, js: Any) -> None:
         db = Store(self.state, readonly=True)  # this thread's own connection: WAL readers never block the writer
@@ -331,38 +318,6 @@ class NetworkLink:
             await self._retrying("forward", step)
         finally:
             db.close()
-
-    async def _watch_versions(self, js: Any) -> None:
-        """Poll the bucket every 2 s (a poll survives server restarts that a watcher would have to notice) and
-        download the newest version when it is newer than the serving one."""
-        incoming = self.state / "incoming"
-        obs = None
-
-        async def step() -> bool:
-            nonlocal obs
-            await asyncio.sleep(2.0)
-            if obs is None:
-                obs = await self._bucket(js)
-            try:
-                infos = await obs.list()
-            except Exception as e:
-                if "no objects" in str(e).lower() or type(e).__name__ == "NotFoundError":
-                    return True
-                raise
-            names = [int(m.group(1)) for i in infos if not i.deleted and (m := VERSION_NAME.fullmatch(i.name))]
-            newest = max(names, default=0)
-            if newest <= self.serving or newest in self.refused_versions:
-                return True
-            res = await obs.get(f"v{newest}")  # the client checks the object's SHA-256 digest
-            if len(res.data) > MAX_VERSION_BYTES:
-                raise ValueError(f"version v{newest} is {len(res.data)} bytes")
-            path = unpack_version(res.data, incoming / f"v{newest}")
-            self.refused_versions.add(newest)  # offered once; ``served`` moves ``serving`` past it
-            self.versions.put((newest, path))
-            self.log.info("network_version", model_version=newest, bytes=len(res.data))
-            return True
-
-        await self._retrying("versions", step)
 
     # centre: the pooled store and the bucket
     async def _consume(self, js: Any) -> None:
@@ -410,37 +365,6 @@ class NetworkLink:
                     await m.ack()
         except (queue.Empty, Exception):
             pass
-
-    async def _put_versions(self, js: Any) -> None:
-        from nats.js.api import ObjectMeta
-
-        obs = None
-        pending: dict[int, Path] = {}
-
-        async def step() -> bool:
-            nonlocal obs
-            while True:
-                try:
-                    n, path = self.to_put.get_nowait()
-                    pending[n] = path
-                except queue.Empty:
-                    break
-            if not pending:
-                return False
-            if obs is None:
-                obs = await self._bucket(js)
-            for n in sorted(pending):
-                data = pack_version(pending[n])
-                await obs.put(f"v{n}", data, meta=ObjectMeta(name=f"v{n}", description="wingbeat model version"))
-                self.log.info("network_version_put", model_version=n, bytes=len(data))
-                del pending[n]
-            live = [i.name for i in await obs.list() if not i.deleted]
-            for name in stale_versions(live, self.cfg.keep_versions):  # the bucket does not grow for ever
-                await obs.delete(name)
-                self.log.info("network_version_deleted", name=name, keep=self.cfg.keep_versions)
-            return True
-
-        await self._retrying("put_versions", step)
 
     async def _outputs(self, nc: Any) -> None:
         async def step() -> bool:

@@ -21,6 +21,7 @@ import numpy as np
 
 from daemon.protocol import Event, Output
 from daemon.schema import DB_NAME, MIGRATIONS, SCHEMA, SCHEMA_VERSION, Checkpointer
+from daemon.store_models import ModelTables
 from daemon.store_network import NetworkTables, Pooled
 
 __all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "Pending", "Pooled", "Quarantined", "Store", "StoreError"]
@@ -60,7 +61,7 @@ def _output_row(o: Output, event_id: int) -> tuple[Any, ...]:
     return (event_id, o.model_version, o.cluster, o.probability, o.novelty, o.rec_error, json.dumps(list(o.latent)))
 
 
-class Store(NetworkTables):
+class Store(ModelTables, NetworkTables):
     def __init__(
         self,
         state_dir: Path,
@@ -298,56 +299,6 @@ class Store(NetworkTables):
             for eid, cluster in self.db.execute(q, ids):
                 out[index[eid]] = cluster
         return out
-
-    # ---- models -------------------------------------------------------------------------------------------
-    def record_model(self, version: int, status: str, kind: str, metrics: dict[str, Any], reason: str = "") -> None:
-        with self._tx():
-            if status == "serving":
-                self.db.execute("UPDATE models SET status='retired' WHERE status='serving'")
-            self.db.execute(
-                "INSERT OR REPLACE INTO models VALUES (?,?,?,?,?,?)",
-                (version, status, kind, time.time_ns(), json.dumps(metrics, default=str), reason),
-            )
-
-    def claim_version(self, at_least: int, kind: str) -> int:
-        """The next model version number, claimed in one transaction (a ``training`` row): never above
-        ``at_least`` − 1 (what is on disk) nor any recorded version, and never handed out twice, even to a
-        daemon started after this one was killed mid-training."""
-        with self._tx():
-            top = int(self.db.execute("SELECT coalesce(max(version), 0) FROM models").fetchone()[0])
-            n = max(top + 1, at_least)
-            self.db.execute("INSERT INTO models VALUES (?, 'training', ?, ?, '{}', '')", (n, kind, time.time_ns()))
-        return n
-
-    def abandon_claims(self, reason: str) -> list[int]:
-        """Mark versions still claimed for a training as failed (their trainer is gone); return them."""
-        with self._tx():
-            gone = [v for (v,) in self.db.execute("SELECT version FROM models WHERE status = 'training'")]
-            self.db.execute("UPDATE models SET status = 'failed', reason = ? WHERE status = 'training'", (reason,))
-        return gone
-
-    def feature_config(self) -> dict[str, Any] | None:
-        """How the stored features were made (``FeatureConfig`` fields), or None before it was recorded."""
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'features'").fetchone()
-        return json.loads(row[0]) if row else None
-
-    def set_feature_config(self, features: dict[str, Any]) -> None:
-        with self._tx():
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('features', ?)", (json.dumps(features),))
-
-    def models(self) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT version, status, kind, created_ns, metrics, reason FROM models ORDER BY version")
-        return [
-            {
-                "version": r[0],
-                "status": r[1],
-                "kind": r[2],
-                "created_ns": r[3],
-                "metrics": json.loads(r[4]),
-                "reason": r[5],
-            }
-            for r in rows
-        ]
 
     # ---- retention ----------------------------------------------------------------------------------------
     def raw_bytes(self) -> int:
