@@ -96,9 +96,27 @@ class Housekeeper:
         self.metrics.raw_bytes.set(self.store.raw_bytes())
         self.metrics.quarantine.set(self.store.quarantine_count())
 
-    def write_status(self, info: dict[str, Any]) -> None:
-        """What ``wingbeat status`` shows of the running daemon (the store holds the rest)."""
-        info = {"pid": os.getpid(), "updated_ns": time.time_ns(), **info, "raw_kept": self.keep_raw}
+    def write_endpoints(self, info: dict[str, Any]) -> None:
+        """``endpoints.json``: where the daemon listens, ports the OS chose included (``status`` and tests read it)."""
+        tmp = self.state / ".endpoints.json.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self.state / "endpoints.json")
+
+    def write_status(
+        self, events_per_s: float, serving: int, training: dict[str, Any] | None, next_training: str
+    ) -> None:
+        """What ``wingbeat status`` shows of the running daemon (the store holds the rest); ``serving`` 0: none."""
+        if training is not None:
+            training = {**training, "seconds": round(training["seconds"], 1)}
+        info = {
+            "pid": os.getpid(),
+            "updated_ns": time.time_ns(),
+            "events_per_s": round(events_per_s, 1),
+            "serving": serving or None,
+            "training": training,
+            "next_training": next_training,
+            "raw_kept": self.keep_raw,
+        }
         try:
             tmp = self.state / ".daemon-status.json.tmp"
             tmp.write_text(json.dumps(info))

@@ -257,6 +257,16 @@ class MetricsServer:
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
 
+    @classmethod
+    def listening(cls, metrics: Metrics, listen: str) -> MetricsServer | None:
+        """Started on ``listen`` ("host:port", "[v6]:port"; port 0: one the OS chooses); None for ""."""
+        if not listen:
+            return None
+        host, _, port = listen.rpartition(":")
+        server = cls(metrics, host.strip("[]"), int(port))
+        server.start()
+        return server
+
     def start(self) -> None:
         self.thread.start()
 

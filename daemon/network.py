@@ -91,6 +91,17 @@ class NetworkLink(BucketVersions):
         self.serving, self.features = serving, features
         self.thread.start()
 
+    def commit(self, store: Store) -> int:
+        """Once a turn: record the acked watermark and, at the centre, store the pooled events; how many were stored
+        (0 when the store failed: nothing is acked, and JetStream redelivers)."""
+        try:
+            self.record(store)
+            return self.pool(store)
+        except sqlite3.OperationalError as e:
+            self.metrics.store_errors.labels("ingest").inc()
+            self.log.error("store_failed", error=str(e), detail="network: not acked, JetStream redelivers")
+            return 0
+
     def record(self, store: Store, force: bool = False) -> None:
         """Record the acked watermark in the store (the loop is the one writer), at most every 0.5 s."""
         acked, now = self.acked, time.monotonic()

@@ -10,9 +10,7 @@ acked and published here, batch N+1 is featurised in the featurise threads. Sign
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import sqlite3
 import time
@@ -37,7 +35,7 @@ from daemon.store import Store
 from daemon.supervisor import Supervisor
 from daemon.systemd import Watchdog, reloading, sd_notify, watchdog_interval
 from daemon.versions import ModelDir, Refused
-from model.checkpoint import CheckpointError, ModelVersion
+from model.checkpoint import ModelVersion
 from model.cluster import NOVEL
 from model.spectra import FeatureConfig
 
@@ -84,37 +82,20 @@ class Service:
         self.security = SocketSecurity(self.ctx, c.security, self.metrics)
         self.ingest.bind(self.security.secure)
         self.publisher.bind(self.security.secure)
-        if c.metrics.listen:
-            host, _, port = c.metrics.listen.rpartition(":")
-            self.metrics_server = MetricsServer(self.metrics, host.strip("[]"), int(port))
-            self.metrics_server.start()
+        self.metrics_server = MetricsServer.listening(self.metrics, c.metrics.listen)
         metrics = f"{c.metrics.listen.rpartition(':')[0]}:{self.metrics_server.port}" if self.metrics_server else ""
         info = {"pid": os.getpid(), **self.ingest.endpoints(), "publish": self.publisher.endpoint(), "metrics": metrics}
         self.log.info("listening", state=str(self.state), **info)
-        tmp = self.state / ".endpoints.json.tmp"  # for `status` and tests: ports chosen by the OS included
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, self.state / "endpoints.json")
+        self.housekeeper.write_endpoints(info)
 
     def load_initial_model(self) -> None:
         """``--model`` if given (imported as the next version), else the newest version in the state that loads."""
-        for left in self.models.remove_partial():
-            self.log.warning("removed_partial_model", path=str(left))
-        for n in self.store.abandon_claims("the daemon stopped during this training"):
-            self.log.warning("training_abandoned", model_version=n)
-        if self.cfg.model:  # a bad --model is a start-up error, said in one line
-            try:
-                version, n = self.models.adopt(self.cfg.model, "imported", self._unservable)
-            except Refused as e:
-                raise ConfigError(f"model: {self.cfg.model}: {e}") from None
-            self._swap(version, n, "imported", {"source": str(self.cfg.model)})
-        else:
-            for n, got in self.models.restorable():
-                if isinstance(got, CheckpointError):
-                    self.metrics.models_rejected.labels("unreadable").inc()
-                    self.log.error("model_unreadable", model_version=n, error=str(got))
-                elif not self._unservable(got):
-                    self._swap(got, n, "restored", {})
-                    break
+        try:
+            got = self.models.at_start(self.cfg.model, self._unservable, self.metrics)
+        except Refused as e:  # a bad --model is a start-up error, said in one line
+            raise ConfigError(f"model: {self.cfg.model}: {e}") from None
+        if got is not None:
+            self._swap(*got)
         if self.store.feature_config() is None:  # what the stored features are, from the first event on
             self.store.set_feature_config(self.features.__dict__)
         if self.model is None:
@@ -279,32 +260,18 @@ class Service:
         net = self.network
         if net is None:
             return
-        try:
-            net.record(self.store)
-            stored = net.pool(self.store)
-        except sqlite3.OperationalError as e:
-            self.metrics.store_errors.labels("ingest").inc()
-            self.log.error("store_failed", error=str(e), detail="network: not acked, JetStream redelivers")
-            return
-        if stored:
+        if stored := net.commit(self.store):
             self.n_events += stored
             self.rate.add(time.monotonic(), stored)
-        got = net.take_version()
-        if got is None:
+        if (got := net.take_version()) is None:
             return
         n, path = got
-        try:
-            version, local = self.models.adopt(path, "network", self._unservable, at_least=n)
-        except (CheckpointError, Refused) as e:
-            unreadable = isinstance(e, CheckpointError)
-            self.metrics.models_rejected.labels("unreadable" if unreadable else "gate").inc()
-            self.log.error("model_refused", model_version=n, source="network", error=str(e), unreadable=unreadable)
+        adopted = self.models.from_network(n, path, self._unservable, self.metrics)
+        if adopted is None:
             net.refused(n)
-            return
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-        self._swap(version, local, "network", {"network_version": n})
-        net.served(n)
+        else:
+            self._swap(*adopted, "network", {"network_version": n})
+            net.served(n)
 
     # ---- housekeeping, reload, shutdown -------------------------------------------------------------------
     def housekeep(self) -> None:
@@ -327,16 +294,8 @@ class Service:
         self.housekeeper.run(self.cfg)
         sd_notify(f"STATUS={self.status_line()}")
         run = self.supervisor.run
-        self.housekeeper.write_status(
-            {
-                "events_per_s": round(self.rate.per_s(), 1),
-                "serving": self.version or None,
-                "training": None
-                if run is None
-                else {"version": run.version, "kind": run.kind, "seconds": round(now - run.started, 1)},
-                "next_training": self.schedule.explain(now),
-            }
-        )
+        training = None if run is None else {"version": run.version, "kind": run.kind, "seconds": now - run.started}
+        self.housekeeper.write_status(self.rate.per_s(), self.version, training, self.schedule.explain(now))
 
     def status_line(self) -> str:
         model = f"model v{self.version}, {self.model.clusterer.k} clusters" if self.model else "no model yet"

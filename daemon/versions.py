@@ -8,8 +8,11 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+from daemon import logs
 from daemon.faults import crash_point
+from daemon.metrics import Metrics
 from daemon.store import Store
 from model.checkpoint import FILES, CheckpointError, ModelVersion, unpack
 
@@ -134,6 +137,44 @@ class ModelDir:
             self.store.record_model(n, "rejected", kind, {}, why)
             raise Refused(n, why)
         return version, n
+
+    def at_start(
+        self, model: str, unservable: Callable[[ModelVersion], str], metrics: Metrics
+    ) -> tuple[ModelVersion, int, str, dict[str, Any]] | None:
+        """The version to serve at start-up, with how it came (for the swap): ``model`` (a directory, imported as the
+        next version) when given, else the newest that served here, loads, and may serve this store. First clears
+        what a killed daemon left: half-written directories, and claims of trainings that died with it. A bad
+        ``model`` raises as ``adopt`` does; versions that no longer load are counted and skipped."""
+        log = logs.get()
+        for left in self.remove_partial():
+            log.warning("removed_partial_model", path=str(left))
+        for n in self.store.abandon_claims("the daemon stopped during this training"):
+            log.warning("training_abandoned", model_version=n)
+        if model:
+            version, n = self.adopt(model, "imported", unservable)
+            return version, n, "imported", {"source": str(model)}
+        for n, got in self.restorable():
+            if isinstance(got, CheckpointError):
+                metrics.models_rejected.labels("unreadable").inc()
+                log.error("model_unreadable", model_version=n, error=str(got))
+            elif not unservable(got):
+                return got, n, "restored", {}
+        return None
+
+    def from_network(
+        self, n: int, path: Path, unservable: Callable[[ModelVersion], str], metrics: Metrics
+    ) -> tuple[ModelVersion, int] | None:
+        """``adopt`` version ``n`` downloaded to ``path`` (removed afterwards) under the centre's number; None, counted
+        and logged, for one that cannot be read or may not serve here."""
+        try:
+            return self.adopt(path, "network", unservable, at_least=n)
+        except (CheckpointError, Refused) as e:
+            unreadable = isinstance(e, CheckpointError)
+            metrics.models_rejected.labels("unreadable" if unreadable else "gate").inc()
+            logs.get().error("model_refused", model_version=n, source="network", error=str(e), unreadable=unreadable)
+            return None
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def restorable(self) -> Iterator[tuple[int, ModelVersion | CheckpointError]]:
         """The versions that served here, newest first, each loaded (or why it cannot be)."""
