@@ -299,6 +299,7 @@ class Supervisor:
             model_version=version,
             parent=serving or None,
             events=self.schedule.events,
+            epochs=getattr(self.cfg.training, f"epochs_{kind}"),
             pid=run.proc.pid,
         )
         return None
