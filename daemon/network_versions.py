@@ -74,16 +74,17 @@ class BucketVersions:
 
         obs = None
         pending: dict[int, Path] = {}
+        prune = False  # versions were put: older ones are deleted (tried again until it succeeds)
 
         async def step() -> bool:
-            nonlocal obs
+            nonlocal obs, prune
             while True:
                 try:
                     n, path = self.to_put.get_nowait()
                     pending[n] = path
                 except queue.Empty:
                     break
-            if not pending:
+            if not pending and not prune:
                 return False
             if obs is None:
                 obs = await self._bucket(js)
@@ -92,10 +93,12 @@ class BucketVersions:
                 await obs.put(f"v{n}", data, meta=ObjectMeta(name=f"v{n}", description="wingbeat model version"))
                 self.log.info("network_version_put", model_version=n, bytes=len(data))
                 del pending[n]
-            live = [i.name for i in await obs.list() if not i.deleted]
+                prune = True
+            live = [i.name for i in await obs.list() if not i.deleted]  # holds what was just put
             for name in stale_versions(live, self.cfg.keep_versions):  # the bucket does not grow for ever
                 await obs.delete(name)
                 self.log.info("network_version_deleted", name=name, keep=self.cfg.keep_versions)
+            prune = False
             return True
 
         await self._retrying("put_versions", step)

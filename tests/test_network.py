@@ -481,14 +481,14 @@ def bucket_names(url: str, bucket: str) -> list[str]:
     import asyncio
 
     import nats
-    from nats.js.errors import BucketNotFoundError
+    from nats.js.errors import NotFoundError
 
     async def names() -> list[str]:
         nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
         try:
             obs = await nc.jetstream(timeout=5).object_store(bucket)
             return sorted(i.name for i in await obs.list() if not i.deleted)
-        except BucketNotFoundError:  # not created yet
+        except NotFoundError:  # the bucket is not there yet, or holds nothing yet (nats-py raises on an empty list)
             return []
         finally:
             await nc.close()
