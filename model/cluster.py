@@ -202,12 +202,13 @@ def _ward_silhouette(
     lab = np.zeros(len(z), np.int64)
     if top >= 2:
         link = scipy.cluster.hierarchy.linkage(z, "ward")
+        dist = sklearn.metrics.pairwise_distances(z)  # (n, n), once for every cut's silhouette
         best = -np.inf
         for k in range(2, top + 1):
             cut = scipy.cluster.hierarchy.fcluster(link, k, "maxclust") - 1
             if len(np.unique(cut)) < 2:
                 continue
-            score = float(sklearn.metrics.silhouette_score(z, cut))
+            score = float(sklearn.metrics.silhouette_score(dist, cut, metric="precomputed"))
             if score > best:
                 best, lab = score, cut
     weights, means, covariances, groups = _model_groups(z, lab, cfg)
