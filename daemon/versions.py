@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +153,16 @@ class ModelDir:
         if model:
             version, n = self.adopt(model, "imported", unservable)
             return version, n, "imported", {"source": str(model)}
-        for n, got in self.restorable():
-            if isinstance(got, CheckpointError):
+        served = [m["version"] for m in self.store.models() if m["status"] in ("serving", "retired")]
+        for n in sorted(served, reverse=True):
+            try:
+                version = self.load(n)
+            except CheckpointError as e:
                 metrics.models_rejected.labels("unreadable").inc()
-                log.error("model_unreadable", model_version=n, error=str(got))
-            elif not unservable(got):
-                return got, n, "restored", {}
+                log.error("model_unreadable", model_version=n, error=str(e))
+                continue
+            if not unservable(version):
+                return version, n, "restored", {}
         return None
 
     def from_network(
@@ -175,15 +179,6 @@ class ModelDir:
             return None
         finally:
             shutil.rmtree(path, ignore_errors=True)
-
-    def restorable(self) -> Iterator[tuple[int, ModelVersion | CheckpointError]]:
-        """The versions that served here, newest first, each loaded (or why it cannot be)."""
-        served = [m["version"] for m in self.store.models() if m["status"] in ("serving", "retired")]
-        for n in sorted(served, reverse=True):
-            try:
-                yield n, self.load(n)
-            except CheckpointError as e:
-                yield n, e
 
     def load(self, n: int) -> ModelVersion:
         return read_version(self.path(n))
