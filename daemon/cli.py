@@ -128,9 +128,15 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed: same seed and data, same model.")] = 0,
     mode: Annotated[Mode, typer.Option(help="β: the dynamic rule, vanilla (β = 1), or fixed (--beta).")] = Mode.dynamic,
     beta: Annotated[float, typer.Option(min=0.0, help="β for --mode fixed.")] = 1.0,
-    semi_supervised: Annotated[bool, typer.Option(help="Add the clustering loss on labelled events.")] = False,
+    semi_supervised: Annotated[
+        bool,
+        typer.Option(help="Add the clustering loss on labelled events (the paper's spread ratio with --reference)."),
+    ] = False,
     reference: Annotated[
-        bool, typer.Option(help="Behave as the paper's published code: its β-rule quirks, ReLU, last epoch kept.")
+        bool,
+        typer.Option(
+            help="Behave as the paper's published code: its β-rule quirks, ReLU, last epoch kept, its label loss."
+        ),
     ] = False,
     latent_dim: Annotated[
         int | None, typer.Option(min=1, help="Latent dimensions (default 4; 2 with --reference).")
@@ -171,7 +177,7 @@ def train(
     from daemon.datasets import load_dataset
     from daemon.progress import EpochProgress
     from daemon.versions import write_version
-    from model.beta import BetaConfig
+    from model.beta import BetaConfig, GammaConfig
     from model.build import build
     from model.checkpoint import pack
     from model.cluster import ClusterConfig
@@ -197,6 +203,7 @@ def train(
         epochs=epochs,
         seed=seed,
         beta=BetaConfig(mode=mode.value, fixed=beta, reference=reference),
+        gamma=GammaConfig.paper() if reference else GammaConfig(),
         semi_supervised=semi_supervised,
         select="last" if reference else "best",
         free_bits=(0.0 if reference else TrainConfig.free_bits) if free_bits is None else free_bits,

@@ -167,6 +167,7 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any] | None:
                 batch_size=batch,
                 seed=train_cfg.seed,
                 beta=schedule.cfg,
+                gamma=TrainConfig.from_dict(parent.manifest["train"]).gamma,  # the parent's label loss and γ cycle
                 semi_supervised=train_cfg.semi_supervised,
             )
         vae_cfg = parent.model.cfg if (parent is not None and args.kind == "finetune") else VAEConfig(n_in=x.shape[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def reconstruction(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -40,3 +41,22 @@ def cluster_ratio(mu: torch.Tensor, labels: torch.Tensor, eps: float = 1e-6) -> 
     within = dist.sum() / len(mu)  # = Σ_k (n_k/n) · mean distance in class k
     between = torch.linalg.vector_norm(centres - centres.mean(dim=0), dim=1).mean()
     return (within + eps) / (between + eps)
+
+
+def prototype(mu: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of each labelled event's species under a softmax over −‖μ_i − c_k‖² / temperature, c_k the
+    batch mean of species k (prototypical networks), mean over labels ≥ 0.
+
+    Unlike ``cluster_ratio`` it is not scale-free: species must lie apart by a margin measured in the prior's
+    units, which the KL term holds, so the latent cannot satisfy it by shrinking onto a line. Returns 0 (with a
+    graph) when fewer than two classes are present.
+    """
+    keep = labels >= 0
+    mu, labels = mu[keep], labels[keep]
+    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    if len(classes) < 2:
+        return mu.sum() * 0.0
+    centres = torch.zeros(len(classes), mu.shape[1], dtype=mu.dtype, device=mu.device).index_add_(0, inverse, mu)
+    centres = centres / counts[:, None].to(mu.dtype)  # (classes, latent)
+    d2 = ((mu[:, None, :] - centres[None]) ** 2).sum(dim=2)  # (labelled, classes)
+    return F.cross_entropy(-d2 / temperature, inverse)

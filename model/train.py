@@ -56,7 +56,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        return cls(**{**d, "beta": BetaConfig(**d["beta"]), "gamma": GammaConfig(**d["gamma"])})
+        # versions written before the label loss was a setting used the paper's ratio
+        gamma = GammaConfig(**{"loss": "ratio", **d["gamma"]})
+        return cls(**{**d, "beta": BetaConfig(**d["beta"]), "gamma": gamma})
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ def fit(
     rank, world = (shard.rank, shard.world) if shard is not None else (0, 1)
     step = max(1, cfg.batch_size // world)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    label_loss = losses.prototype if cfg.gamma.loss == "prototype" else losses.cluster_ratio
     history: list[EpochStats] = []
     good = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
     best: tuple[float, int, dict[str, torch.Tensor]] = (math.inf, -1, good[0])
@@ -169,7 +172,7 @@ def fit(
             kl = losses.kl_standard_normal(mu, logvar)
             kl_loss = losses.kl_free_bits(mu, logvar, cfg.free_bits) if cfg.free_bits > 0 else kl
             loss = rec + beta * kl_loss
-            cls = losses.cluster_ratio(mu, yt[idx]) if gamma > 0 else rec.new_zeros(())
+            cls = label_loss(mu, yt[idx]) if gamma > 0 else rec.new_zeros(())
             loss = loss + gamma * cls
             opt.zero_grad(set_to_none=True)
             loss.backward()

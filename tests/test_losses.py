@@ -44,3 +44,26 @@ def test_cluster_ratio_needs_two_classes_but_keeps_a_graph():
     assert float(out) == 0.0
     out.backward()
     assert mu.grad is not None
+
+
+def test_prototype_known_answer():
+    # class 0 at (0, 0) and (2, 0): centre (1, 0); class 1 at (0, 2): centre (0, 2); the unlabelled row is ignored.
+    mu = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [9.0, 9.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, -1])
+    # squared distances to (centre 0, centre 1): (1, 4), (1, 8), (5, 0); CE = log(1 + exp(−margin))
+    expected = (math.log1p(math.exp(-3)) + math.log1p(math.exp(-7)) + math.log1p(math.exp(-5))) / 3
+    assert float(losses.prototype(mu, labels)) == pytest.approx(expected, rel=1e-6)
+    # a temperature of 2 halves every margin
+    expected_t2 = (math.log1p(math.exp(-1.5)) + math.log1p(math.exp(-3.5)) + math.log1p(math.exp(-2.5))) / 3
+    assert float(losses.prototype(mu, labels, temperature=2.0)) == pytest.approx(expected_t2, rel=1e-6)
+
+
+def test_prototype_is_not_scale_free_and_needs_two_classes():
+    mu = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    labels = torch.tensor([0, 0, 1])
+    # shrinking the latent does not satisfy it (the spread ratio would not change)
+    assert float(losses.prototype(mu * 0.1, labels)) > float(losses.prototype(mu, labels)) + 0.5
+    out = losses.prototype(mu, torch.tensor([0, 0, -1]))
+    assert float(out.detach()) == 0.0
+    out.backward()
+    assert mu.grad is not None

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from model import losses
 from model.beta import BetaConfig, GammaConfig
 from model.build import build
 from model.cluster import ClusterConfig
@@ -70,12 +71,43 @@ def test_nan_is_recovered_from_the_last_good_epoch():
 
 def test_semi_supervised_uses_labels_and_cycles_gamma():
     x, y = toy()
-    gamma = GammaConfig(start=10, period=10)
-    cfg = TrainConfig(epochs=30, batch_size=64, semi_supervised=True, beta=BetaConfig(warmup=5), gamma=gamma)
-    b = build(x, y, VAEConfig(n_in=40), cfg, ClusterConfig(k_max=5), torch.device("cpu"))
-    g = b.manifest["history"]["gamma"]
-    assert g[:10] == [0.0] * 10 and g[10:20] == [0.2] * 10 and g[20:] == [0.01] * 10
-    assert all(c > 0 for c in b.manifest["history"]["cls"][10:])
+    for loss, low, high in (("prototype", 2.0, 2.0), ("ratio", 0.01, 0.2)):  # the default; the paper's cycle
+        gamma = GammaConfig(start=10, period=10, low=low, high=high, loss=loss)
+        cfg = TrainConfig(epochs=30, batch_size=64, semi_supervised=True, beta=BetaConfig(warmup=5), gamma=gamma)
+        b = build(x, y, VAEConfig(n_in=40), cfg, ClusterConfig(k_max=5), torch.device("cpu"))
+        g = b.manifest["history"]["gamma"]
+        assert g[:10] == [0.0] * 10 and g[10:20] == [high] * 10 and g[20:] == [low] * 10
+        assert all(c > 0 for c in b.manifest["history"]["cls"][10:])
+        assert TrainConfig.from_dict(b.manifest["train"]) == cfg
+
+
+def test_prototype_loss_separates_labelled_species_in_the_latent():
+    # two species whose peaks lie 2 bins apart, each jittered: labels must pull them apart in the latent
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300)
+    bins = np.arange(40)
+    x = np.exp(-0.5 * ((bins[None, :] - (20 + 2 * y[:, None] + rng.normal(0, 0.7, (300, 1)))) / 3.0) ** 2)
+    x = (x + rng.normal(0, 0.05, x.shape)).clip(0, 1).astype(np.float32)[:, None, :]
+    names = np.array(["a", "b"])[y]
+    gamma = GammaConfig(start=10)
+    margins = []
+    for semi in (False, True):
+        cfg = TrainConfig(
+            epochs=150, batch_size=64, semi_supervised=semi, beta=BetaConfig(warmup=5), gamma=gamma, select="last"
+        )
+        b = build(x, names, VAEConfig(n_in=40), cfg, ClusterConfig(k_max=4), torch.device("cpu"))
+        mu = b.model.encode(torch.from_numpy(x.reshape(300, -1)))[0].detach()
+        margins.append(float(losses.prototype(mu, torch.from_numpy(y))))
+    assert margins[1] < 0.5 * margins[0], margins  # a far smaller cross-entropy between the species with labels
+
+
+def test_versions_without_a_label_loss_setting_read_back_with_the_papers():
+    d = TrainConfig().to_dict()
+    del d["gamma"]["loss"]
+    assert TrainConfig.from_dict(d).gamma.loss == "ratio"
+    with pytest.raises(ValueError, match="label loss"):
+        GammaConfig(loss="triplet")
+    assert GammaConfig.paper() == GammaConfig(low=0.01, high=0.2, loss="ratio")  # DESIGN §4
 
 
 def test_bad_train_config_names_the_key():
