@@ -124,7 +124,12 @@ def simulate(
 def train(
     data: Annotated[Path, typer.Argument(help="Data set (.npz): recordings, spectra or features.")],
     out: Annotated[Path, typer.Option(help="Model version directory to write.")],
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 1000,
+    epochs: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Training epochs; small sets train more, to 15,000 optimiser steps (not with --reference)."
+        ),
+    ] = 1000,
     seed: Annotated[int, typer.Option(help="Seed: same seed and data, same model.")] = 0,
     mode: Annotated[Mode, typer.Option(help="β: the dynamic rule, vanilla (β = 1), or fixed (--beta).")] = Mode.dynamic,
     beta: Annotated[float, typer.Option(min=0.0, help="β for --mode fixed.")] = 1.0,
@@ -182,7 +187,7 @@ def train(
     from model.checkpoint import pack
     from model.cluster import ClusterConfig
     from model.spectra import FeatureConfig
-    from model.train import TrainConfig
+    from model.train import MIN_STEPS, TrainConfig, batch_size_for
     from model.vae import VAEConfig
 
     if out.exists() and not force:
@@ -201,6 +206,8 @@ def train(
     )
     train_cfg = TrainConfig(
         epochs=epochs,
+        batch_size=TrainConfig.batch_size if reference else batch_size_for(len(ds.features)),
+        min_steps=0 if reference else MIN_STEPS,
         seed=seed,
         beta=BetaConfig(mode=mode.value, fixed=beta, reference=reference),
         gamma=GammaConfig.paper() if reference else GammaConfig(),
@@ -214,7 +221,9 @@ def train(
     if semi_supervised and ds.labelled.sum() == 0:
         raise ValueError(f"--semi-supervised: {data} has no labelled events")
     rank = shard.rank if shard is not None else 0
-    with EpochProgress(epochs, enabled=sys.stderr.isatty() and not as_json and rank == 0) as progress:
+    with EpochProgress(
+        train_cfg.epochs_for(len(ds.features)), enabled=sys.stderr.isatty() and not as_json and rank == 0
+    ) as progress:
         built = build(ds.features, ds.label, vae_cfg, train_cfg, cluster_cfg, dev, progress.update, shard=shard)
     manifest = {
         **built.manifest,

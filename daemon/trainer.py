@@ -126,7 +126,7 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any] | None:
     from model.cluster import ClusterConfig, align_ids
     from model.evaluate import scores
     from model.spectra import FeatureConfig
-    from model.train import TrainConfig, encode_mu
+    from model.train import TrainConfig, batch_size_for, encode_mu
     from model.vae import VAEConfig
 
     t = cfg.training
@@ -146,9 +146,7 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any] | None:
         epochs = {"first": t.epochs_first, "finetune": t.epochs_finetune, "full": t.epochs_full}[args.kind]
         features = FeatureConfig(**(store.feature_config() or {}))
         labelled = labels != ""
-        # Small stores early on: batches small enough for a few optimiser steps per epoch (256 over 300 events
-        # gives 2 steps, and the warm-up never trains the auto-encoder).
-        batch = min(256, max(32, len(ids) // 16))
+        batch = batch_size_for(len(ids))
         train_cfg = TrainConfig(
             epochs=epochs,
             batch_size=batch,

@@ -7,7 +7,7 @@ from model.beta import BetaConfig, GammaConfig
 from model.build import build
 from model.cluster import ClusterConfig
 from model.evaluate import scores
-from model.train import TrainConfig, fit
+from model.train import MIN_STEPS, TrainConfig, batch_size_for, fit
 from model.vae import VAE, VAEConfig
 
 
@@ -117,3 +117,26 @@ def test_bad_train_config_names_the_key():
 
 def test_scores_are_label_permutation_invariant():
     assert scores(np.array(["a", "a", "b"]), np.array([7, 7, 3])) == {"ari": 1.0, "ami": 1.0}
+
+
+def test_small_sets_train_for_a_minimum_of_optimiser_steps():
+    # 220 events: 22 held out, 198 trained in batches of 32 = 7 steps an epoch; 1000 steps need 143 epochs
+    assert TrainConfig(epochs=10, batch_size=32, min_steps=1000).epochs_for(220) == 143
+    # `wingbeat train`: 1000 epochs of 20 steps on the paper's 5,500 events, of 15 on 500 (batch 32), 2,143 of 7 on 220
+    for n, epochs in ((5500, 1000), (500, 1000), (220, 2143)):
+        assert TrainConfig(epochs=1000, batch_size=batch_size_for(n), min_steps=MIN_STEPS).epochs_for(n) == epochs
+    assert TrainConfig(epochs=10, min_steps=0).epochs_for(220) == 10
+    assert [batch_size_for(n) for n in (100, 220, 1000, 5500)] == [32, 32, 62, 256]
+    x, _ = toy(n=120)
+    cfg = TrainConfig(epochs=5, batch_size=32, min_steps=40, beta=BetaConfig(warmup=1))
+    r = fit(VAE(VAEConfig(n_in=40)), torch.from_numpy(x.reshape(len(x), -1)), cfg)
+    assert len(r.history) == 10  # 108 trained events = 4 steps an epoch
+
+
+def test_too_few_held_out_events_keep_the_last_epoch():
+    x, _ = toy(n=240)  # 24 held out
+    xt = torch.from_numpy(x.reshape(len(x), -1))
+    cfg = TrainConfig(epochs=40, batch_size=32, beta=BetaConfig(warmup=5))
+    assert fit(VAE(VAEConfig(n_in=40)), xt, cfg).selected_epoch == 39
+    trusted = fit(VAE(VAEConfig(n_in=40)), xt, TrainConfig(**{**cfg.__dict__, "select_min_held_out": 20}))
+    assert trusted.selected_epoch == int(np.argmin([h.val_rec + h.val_kl for h in trusted.history[5:]])) + 5
