@@ -125,11 +125,13 @@ def train(
     data: Annotated[Path, typer.Argument(help="Data set (.npz): recordings, spectra or features.")],
     out: Annotated[Path, typer.Option(help="Model version directory to write.")],
     epochs: Annotated[
-        int,
+        int | None,
         typer.Option(
-            min=1, help="Training epochs; small sets train more, to 15,000 optimiser steps (not with --reference)."
+            min=1,
+            help="Training epochs, exactly. Default 1000, and more for small sets: at least 15,000 optimiser steps "
+            "(1000 with --reference).",
         ),
-    ] = 1000,
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed: same seed and data, same model.")] = 0,
     mode: Annotated[Mode, typer.Option(help="β: the dynamic rule, vanilla (β = 1), or fixed (--beta).")] = Mode.dynamic,
     beta: Annotated[float, typer.Option(min=0.0, help="β for --mode fixed.")] = 1.0,
@@ -205,9 +207,9 @@ def train(
         activation="relu" if reference else "leaky_relu",
     )
     train_cfg = TrainConfig(
-        epochs=epochs,
+        epochs=epochs or TrainConfig.epochs,
         batch_size=TrainConfig.batch_size if reference else batch_size_for(len(ds.features)),
-        min_steps=0 if reference else MIN_STEPS,
+        min_steps=0 if (reference or epochs) else MIN_STEPS,  # epochs given: exactly those
         seed=seed,
         beta=BetaConfig(mode=mode.value, fixed=beta, reference=reference),
         gamma=GammaConfig.paper() if reference else GammaConfig(),

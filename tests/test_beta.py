@@ -113,5 +113,6 @@ def test_bad_config_names_the_value():
 
 
 def test_gamma_cycles_between_low_and_high():
-    g = GammaConfig()
+    assert [GammaConfig().at(e) for e in (0, 49, 50, 100, 999)] == [0, 0, 2.0, 2.0, 2.0]  # the default is steady
+    g = GammaConfig.paper()
     assert [g.at(e) for e in (0, 49, 50, 99, 100, 199, 200, 300, 999)] == [0, 0, 0.01, 0.01, 0.2, 0.2, 0.01, 0.2, 0.2]

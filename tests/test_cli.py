@@ -47,6 +47,8 @@ def test_train_evaluate_plot(sim, tmp_path):
     assert summary["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # what --device auto picks
     manifest = json.loads((model / "manifest.json").read_text())
     assert manifest["data"]["kind"] == "recordings" and len(manifest["history"]["beta"]) == 30
+    # --epochs given: exactly those, no step floor; the small set's batch rule (300 events → 32)
+    assert manifest["train"]["min_steps"] == 0 and manifest["train"]["batch_size"] == 32
     p = run("evaluate", str(model), str(sim), "--baselines", "--json")
     res = json.loads(p.stdout.strip().splitlines()[-1])
     with np.load(sim, allow_pickle=False) as d:
