@@ -23,20 +23,24 @@ def kl_free_bits(mu: torch.Tensor, logvar: torch.Tensor, floor: float) -> torch.
     return torch.clamp(per_dim, min=floor).sum()
 
 
+def _labelled_centres(mu: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The labelled rows (labels ≥ 0) of mu, each one's class index, and the class means (classes, latent)."""
+    keep = labels >= 0
+    mu, labels = mu[keep], labels[keep]
+    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    centres = torch.zeros(len(classes), mu.shape[1], dtype=mu.dtype, device=mu.device).index_add_(0, inverse, mu)
+    return mu, inverse, centres / counts[:, None].to(mu.dtype)
+
+
 def cluster_ratio(mu: torch.Tensor, labels: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Within-class spread over between-class spread of the latent means (smaller is better).
 
     within = Σ_k (n_k / n) · mean_{i∈k} ‖μ_i − c_k‖ ; between = mean_k ‖c_k − mean_j c_j‖, over labels ≥ 0.
     Returns 0 (with a graph) when fewer than two classes are present, so it can always be added to a loss.
     """
-    keep = labels >= 0
-    mu, labels = mu[keep], labels[keep]
-    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    if len(classes) < 2:
+    mu, inverse, centres = _labelled_centres(mu, labels)
+    if len(centres) < 2:
         return mu.sum() * 0.0
-    k = len(classes)
-    centres = torch.zeros(k, mu.shape[1], dtype=mu.dtype, device=mu.device).index_add_(0, inverse, mu)
-    centres = centres / counts[:, None].to(mu.dtype)  # (classes, latent)
     dist = torch.linalg.vector_norm(mu - centres[inverse], dim=1)  # (labelled,)
     within = dist.sum() / len(mu)  # = Σ_k (n_k/n) · mean distance in class k
     between = torch.linalg.vector_norm(centres - centres.mean(dim=0), dim=1).mean()
@@ -51,12 +55,8 @@ def prototype(mu: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) 
     units, which the KL term holds, so the latent cannot satisfy it by shrinking onto a line. Returns 0 (with a
     graph) when fewer than two classes are present.
     """
-    keep = labels >= 0
-    mu, labels = mu[keep], labels[keep]
-    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    if len(classes) < 2:
+    mu, inverse, centres = _labelled_centres(mu, labels)
+    if len(centres) < 2:
         return mu.sum() * 0.0
-    centres = torch.zeros(len(classes), mu.shape[1], dtype=mu.dtype, device=mu.device).index_add_(0, inverse, mu)
-    centres = centres / counts[:, None].to(mu.dtype)  # (classes, latent)
     d2 = ((mu[:, None, :] - centres[None]) ** 2).sum(dim=2)  # (labelled, classes)
     return F.cross_entropy(-d2 / temperature, inverse)
