@@ -36,7 +36,7 @@ from model.build import build
 from model.cluster import ClusterConfig
 from model.evaluate import pca_gmm, scores
 from model.spectra import FeatureConfig, featurise_events, featurise_spectra, scale_features
-from model.train import MIN_STEPS, TrainConfig, batch_size_for, encode_mu
+from model.train import MIN_STEPS, TrainConfig, batch_size_for, encode_mu, restarts_for
 from model.vae import VAEConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -96,13 +96,15 @@ def baselines(x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, dict[str, fl
 
 def train_config(n_train: int, seed: int, epochs: int, semi: bool) -> TrainConfig:
     """What ``wingbeat train`` does: the project's defaults, the batch rule for small sets (``batch_size_for``: 32
-    over 220 events, 7 optimiser steps an epoch instead of 1) and at least ``MIN_STEPS`` optimiser steps."""
+    over 220 events, 7 optimiser steps an epoch instead of 1), at least ``MIN_STEPS`` optimiser steps, and three
+    restarts for sets under 500 events (``restarts_for``: UCR's 220)."""
     return TrainConfig(
         epochs=epochs,
         seed=seed,
         semi_supervised=semi,
         batch_size=batch_size_for(n_train),
         min_steps=MIN_STEPS,  # as `wingbeat train` does
+        restarts=restarts_for(n_train),
     )
 
 
@@ -135,6 +137,8 @@ def job(kind: str, seed: int, epochs: int, latents: str | None) -> dict[str, Any
             unseen = rows & np.isin(y, HELD_OUT)
             out[name]["wingbeat_unlabelled_4"] = scores(y[unseen], pred[unseen])
     out["selected_epoch"] = b.result.selected_epoch
+    if len(b.manifest["restarts"]["seeds"]) > 1:
+        out["restarts"] = b.manifest["restarts"]
     out["final_beta"] = b.result.schedule.beta
     out["seconds"] = round(time.perf_counter() - t0, 1)
     if latents:  # for work on the clustering step without retraining

@@ -169,6 +169,14 @@ def train(
     nproc: Annotated[
         int, typer.Option(min=1, help="Data-parallel ranks on this machine (torchrun; one per GPU with CUDA).")
     ] = 1,
+    restarts: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Train from this many seeds and keep the model whose clusters agree best with the others' "
+            "(default: 3 for sets under 500 events when --epochs is not given, else 1; 1 with --reference).",
+        ),
+    ] = None,
 ) -> None:
     """Train a dynamic β-VAE and its latent clusters; write a model version. Under ``torchrun`` (or with
     ``--nproc N``) every rank trains on its share of the events and rank 0 writes the version."""
@@ -189,7 +197,7 @@ def train(
     from model.checkpoint import pack
     from model.cluster import ClusterConfig
     from model.spectra import FeatureConfig
-    from model.train import MIN_STEPS, TrainConfig, batch_size_for
+    from model.train import MIN_STEPS, TrainConfig, batch_size_for, restarts_for
     from model.vae import VAEConfig
 
     if out.exists() and not force:
@@ -216,6 +224,7 @@ def train(
         semi_supervised=semi_supervised,
         select="last" if reference else "best",
         free_bits=(0.0 if reference else TrainConfig.free_bits) if free_bits is None else free_bits,
+        restarts=restarts or (1 if (reference or epochs) else restarts_for(len(ds.features))),
     )
     cluster_cfg = ClusterConfig(
         method=(clusters or (ClusterMethod.bic if reference else ClusterMethod.ward)).value, seed=seed
@@ -224,7 +233,8 @@ def train(
         raise ValueError(f"--semi-supervised: {data} has no labelled events")
     rank = shard.rank if shard is not None else 0
     with EpochProgress(
-        train_cfg.epochs_for(len(ds.features)), enabled=sys.stderr.isatty() and not as_json and rank == 0
+        train_cfg.epochs_for(len(ds.features)) * train_cfg.restarts,
+        enabled=sys.stderr.isatty() and not as_json and rank == 0,
     ) as progress:
         built = build(ds.features, ds.label, vae_cfg, train_cfg, cluster_cfg, dev, progress.update, shard=shard)
     manifest = {
@@ -247,6 +257,7 @@ def train(
         "n_clusters": built.clusterer.k,
         "seconds_per_epoch": sum(m["history"]["seconds"]) / max(1, m["epochs"]),
         "recoveries": m["recoveries"],
+        "restarts": m["restarts"],
         "device": str(dev),
         **({"train_labelled": m["metrics"]["train_labelled"]} if "train_labelled" in m["metrics"] else {}),
     }
@@ -259,11 +270,19 @@ def train(
     typer.echo(
         f"wrote {out}: {summary['events']} events, {summary['epochs']} epochs "
         f"({summary['seconds_per_epoch']:.3f} s/epoch on {dev}), kept epoch {summary['selected_epoch']}, "
-        f"final β {summary['beta']:.3g}, {summary['n_clusters']} clusters",
+        f"final β {summary['beta']:.3g}, {summary['n_clusters']} clusters{_restarts_note(m['restarts'])}",
         err=as_json,
     )
     if as_json:
         emit_json(summary)
+
+
+def _restarts_note(r: dict[str, Any]) -> str:
+    """What ``wingbeat train`` says about its restarts (nothing for one training)."""
+    if len(r["seeds"]) < 2:
+        return ""
+    agreement = ", ".join(f"{a:.2f}" for a in r["agreement"])
+    return f"; kept restart {r['kept'] + 1} of {len(r['seeds'])} (seed {r['seeds'][r['kept']]}, agreement {agreement})"
 
 
 @app.command()

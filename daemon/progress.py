@@ -13,6 +13,7 @@ class EpochProgress:
         self.epochs, self.enabled = epochs, enabled
         self._progress: Any = None
         self._task: Any = None
+        self._done = 0
 
     def __enter__(self) -> EpochProgress:
         if self.enabled:
@@ -32,7 +33,8 @@ class EpochProgress:
     def update(self, s: EpochStats) -> None:
         if self._progress is not None and self._task is not None:
             info = f"β {s.beta:.3g} γ {s.gamma:.3g} rec {s.rec:.3f} KL {s.kl:.3f} val {s.val_rec:.3f}"
-            self._progress.update(self._task, completed=s.epoch + 1, info=info)
+            self._done += 1  # epochs of every restart, one after the other
+            self._progress.update(self._task, completed=self._done, info=info)
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         if self._progress is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -15,7 +15,7 @@ import torch
 
 from model.beta import BetaSchedule
 from model.cards import cluster_cards
-from model.cluster import ClusterConfig, LatentClusterer, fit_clusterer
+from model.cluster import ClusterConfig, LatentClusterer, fit_clusterer, most_agreeing
 from model.evaluate import scores
 from model.spectra import FeatureConfig
 from model.train import EpochStats, Shard, TrainConfig, TrainResult, encode_mu, fit
@@ -37,6 +37,14 @@ def label_codes(labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return np.array([index.get(str(s), -1) for s in labels], dtype=np.int64), names
 
 
+def _seeded_model(vae_cfg: VAEConfig, seed: int, init: dict[str, torch.Tensor] | None, device: torch.device) -> VAE:
+    torch.manual_seed(seed)  # initial weights depend on the seed alone
+    model = VAE(vae_cfg)
+    if init is not None:
+        model.load_state_dict(init)
+    return model.to(device)
+
+
 def build(
     features: np.ndarray,
     labels: np.ndarray,
@@ -55,19 +63,26 @@ def build(
     ``init`` (weights) and ``schedule`` (its β state) continue a model: a fine-tune. Otherwise training starts
     from seeded random weights and the whole β schedule. ``freqs`` (bins,) Hz is the features' frequency grid,
     for the cluster cards (``model.cards``); ``shard``: this process's part of a data-parallel training
-    (``model.train.fit``). By default the standard grid (``FeatureConfig().grid``) when the
-    features' size fits it, and no cards otherwise (features from elsewhere, e.g. the UCR archive's).
+    (``model.train.fit``). ``train_cfg.restarts`` > 1 trains a new model once per seed of
+    ``train_cfg.restart_seeds()`` and keeps the one whose clusters of the training events agree best with the
+    others' (``model.cluster.most_agreeing``); its seed is in the manifest. ``freqs`` defaults to the standard
+    grid (``FeatureConfig().grid``) when the features' size fits it; otherwise (features from elsewhere, e.g. the
+    UCR archive's) there are no cards.
     """
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32).reshape(len(features), -1)).to(device)
     codes, names = label_codes(labels)
-    torch.manual_seed(train_cfg.seed)  # initial weights depend on the seed alone
-    model = VAE(vae_cfg)
-    if init is not None:
-        model.load_state_dict(init)
-    model.to(device)
-    result = fit(model, x, train_cfg, torch.from_numpy(codes), schedule=schedule, on_epoch=on_epoch, shard=shard)
-    mu, err = (t.double().cpu().numpy() for t in encode_mu(model, x))
-    clusterer = fit_clusterer(mu, err, cluster_cfg, labels if train_cfg.semi_supervised else None)
+    # a fine-tune continues one model; a new one is trained once per restart seed, the most agreeing kept
+    seeds = train_cfg.restart_seeds() if init is None and schedule is None else [train_cfg.seed]
+    runs = []
+    for seed in seeds:
+        model = _seeded_model(vae_cfg, seed, init, device)
+        cfg = replace(train_cfg, seed=seed)
+        result = fit(model, x, cfg, torch.from_numpy(codes), schedule=schedule, on_epoch=on_epoch, shard=shard)
+        mu, err = (t.double().cpu().numpy() for t in encode_mu(model, x))
+        clusterer = fit_clusterer(mu, err, cluster_cfg, labels if train_cfg.semi_supervised else None)
+        runs.append((model, result, mu, err, clusterer))
+    kept, agreement = most_agreeing([clusters.assign(m, e).cluster for _, _, m, e, clusters in runs])
+    model, result, mu, err, clusterer = runs[kept]
     assigned = clusterer.assign(mu, err)
     metrics: dict[str, Any] = {
         "n_clusters": clusterer.k,
@@ -92,6 +107,8 @@ def build(
         "epochs": len(hist),
         "selected_epoch": result.selected_epoch,
         "recoveries": result.recoveries,
+        # each restart's seed and the mean ARI of its training events' clusters against the other restarts'
+        "restarts": {"seeds": seeds, "agreement": agreement.round(4).tolist(), "kept": kept},
         "n_events": len(x),
         "labels": names,
         "n_labelled": int((codes >= 0).sum()),

@@ -41,6 +41,7 @@ __all__ = [
     "dp_mixture",
     "fit_clusterer",
     "merge_by_labels",
+    "most_agreeing",
 ]
 
 METHODS = ("ward", "dp", "bic")
@@ -314,6 +315,31 @@ def fit_clusterer(
     clusterer.nll_threshold = float(np.quantile(-clusterer.score_samples(mu), q))
     clusterer.rec_threshold = float(np.quantile(np.asarray(rec_error, np.float64), q))
     return clusterer
+
+
+def most_agreeing(partitions: list[np.ndarray]) -> tuple[int, np.ndarray]:
+    """The partition that agrees best with the others: the highest mean adjusted Rand index against the rest.
+
+    Parameters
+    ----------
+    partitions : each (events,) the clusters one training gives the same events (novel events, −1, are a group).
+
+    Returns
+    -------
+    The index of that partition (the first on a tie) and (partitions,) each one's mean ARI against the others
+    (1.0 for a single partition).
+    """
+    n = len(partitions)
+    if n == 0:
+        raise ValueError("need at least one partition")
+    if len({len(p) for p in partitions}) != 1:
+        raise ValueError(f"partitions must cover the same events, got lengths {[len(p) for p in partitions]}")
+    agree = np.ones((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            agree[i, j] = agree[j, i] = sklearn.metrics.adjusted_rand_score(partitions[i], partitions[j])
+    mean = (agree.sum(axis=1) - 1) / (n - 1) if n > 1 else np.ones(1)
+    return int(np.argmax(mean)), mean
 
 
 def align_ids(

@@ -49,6 +49,7 @@ def test_train_evaluate_plot(sim, tmp_path):
     assert manifest["data"]["kind"] == "recordings" and len(manifest["history"]["beta"]) == 30
     # --epochs given: exactly those, no step floor; the small set's batch rule (300 events → 32)
     assert manifest["train"]["min_steps"] == 0 and manifest["train"]["batch_size"] == 32
+    assert manifest["restarts"]["seeds"] == [3]  # nor restarts, although the set is small
     p = run("evaluate", str(model), str(sim), "--baselines", "--json")
     res = json.loads(p.stdout.strip().splitlines()[-1])
     with np.load(sim, allow_pickle=False) as d:
@@ -61,6 +62,19 @@ def test_train_evaluate_plot(sim, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     p = run("train", str(sim), "--out", str(model), "--epochs", "2", ok=False)
     assert p.returncode == 2 and "already exists" in p.stderr
+
+
+def test_train_with_restarts_keeps_one_and_says_which(sim, tmp_path):
+    model = tmp_path / "m"
+    p = run("train", str(sim), "--out", str(model), "--epochs", "3", "--restarts", "2", "--seed", "5", "--json")
+    r = json.loads(p.stdout.strip().splitlines()[-1])["restarts"]
+    assert r["seeds"] == [5, 100_008] and r["kept"] in (0, 1) and len(r["agreement"]) == 2
+    assert f"kept restart {r['kept'] + 1} of 2 (seed {r['seeds'][r['kept']]}" in p.stderr
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["train"]["restarts"] == 2 and manifest["train"]["seed"] == 5 and manifest["restarts"] == r
+    assert len(manifest["history"]["beta"]) == 3  # the kept training's epochs
+    p = run("train", str(sim), "--out", str(tmp_path / "n"), "--restarts", "0", ok=False)
+    assert p.returncode == 2 and "--restarts" in p.stderr
 
 
 @pytest.mark.gpu

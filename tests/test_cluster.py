@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from model.cluster import NOVEL, ClusterConfig, LatentClusterer, align_ids, fit_clusterer
+from model.cluster import NOVEL, ClusterConfig, LatentClusterer, align_ids, fit_clusterer, most_agreeing
 
 
 def blobs(seed: int = 0, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
@@ -237,3 +237,18 @@ def test_ward_subsamples_large_sets_and_a_tiny_set_is_one_cluster():
     assert two.k == 1 and (two.assign(mu[:2]).cluster == 0).all()
     with pytest.raises(ValueError, match="ward_events"):
         ClusterConfig(ward_events=5)
+
+
+def test_most_agreeing_partition_known_answer():
+    a = np.array([0, 0, 0, 1, 1, 1])
+    b = np.array([5, 5, 5, 7, 7, 7])  # a relabelled: ARI 1
+    c = np.array([0, 1, 0, 1, 0, 1])  # against a: contingency [[2, 1], [1, 2]], ARI (2 − 2.4) / (6 − 2.4) = −1/9
+    kept, mean = most_agreeing([c, a, b])
+    assert kept == 1  # a and b tie at (1 − 1/9) / 2; the first wins
+    assert mean == pytest.approx([-1 / 9, 4 / 9, 4 / 9])
+    kept, mean = most_agreeing([a])
+    assert kept == 0 and mean.tolist() == [1.0]
+    with pytest.raises(ValueError, match="same events"):
+        most_agreeing([a, a[:5]])
+    with pytest.raises(ValueError, match="at least one"):
+        most_agreeing([])

@@ -7,7 +7,7 @@ from model.beta import BetaConfig, GammaConfig
 from model.build import build
 from model.cluster import ClusterConfig
 from model.evaluate import scores
-from model.train import MIN_STEPS, TrainConfig, batch_size_for, fit
+from model.train import MIN_STEPS, TrainConfig, batch_size_for, encode_mu, fit, restarts_for
 from model.vae import VAE, VAEConfig
 
 
@@ -140,3 +140,54 @@ def test_too_few_held_out_events_keep_the_last_epoch():
     assert fit(VAE(VAEConfig(n_in=40)), xt, cfg).selected_epoch == 39
     trusted = fit(VAE(VAEConfig(n_in=40)), xt, TrainConfig(**{**cfg.__dict__, "select_min_held_out": 20}))
     assert trusted.selected_epoch == int(np.argmin([h.val_rec + h.val_kl for h in trusted.history[5:]])) + 5
+
+
+def test_restarts_keep_the_training_whose_clusters_agree_best_with_the_others():
+    x, _ = toy()
+    unlabelled = np.full(len(x), "")
+    cfg = TrainConfig(**{**CFG.__dict__, "seed": 4, "restarts": 3})
+    b = build(x, unlabelled, VAEConfig(n_in=40), cfg, ClusterConfig(k_max=5), torch.device("cpu"))
+    r = b.manifest["restarts"]
+    assert r["seeds"] == cfg.restart_seeds() == [4, 100_007, 200_010]
+    # each restart is the plain training of its seed; the agreement is the mean ARI against the other two
+    singles = [
+        build(
+            x,
+            unlabelled,
+            VAEConfig(n_in=40),
+            TrainConfig(**{**CFG.__dict__, "seed": s}),
+            ClusterConfig(k_max=5),
+            torch.device("cpu"),
+        )
+        for s in r["seeds"]
+    ]
+    parts = []
+    for s in singles:
+        mu, err = (t.double().numpy() for t in encode_mu(s.model, torch.from_numpy(x.reshape(len(x), -1))))
+        parts.append(s.clusterer.assign(mu, err).cluster)
+    ari = [[scores(p, q)["ari"] for q in parts] for p in parts]
+    mean = [(sum(row) - row[i]) / 2 for i, row in enumerate(ari)]
+    assert r["agreement"] == pytest.approx(mean, abs=1e-4) and r["kept"] == int(np.argmax(mean))
+    assert len(set(np.round(mean, 4))) > 1  # the restarts differ, so the choice is a real one
+    kept = singles[r["kept"]].model.state_dict()
+    assert all(torch.equal(t, kept[k]) for k, t in b.model.state_dict().items())
+    assert TrainConfig.from_dict(b.manifest["train"]) == cfg  # the manifest holds the restarts and first seed
+    # a fine-tune continues its parent: one training whatever the setting
+    tune = build(
+        x,
+        unlabelled,
+        VAEConfig(n_in=40),
+        TrainConfig(**{**cfg.__dict__, "epochs": 3}),
+        ClusterConfig(k_max=5),
+        torch.device("cpu"),
+        init=kept,
+        schedule=b.result.schedule,
+    )
+    assert tune.manifest["restarts"] == {"seeds": [4], "agreement": [1.0], "kept": 0}
+
+
+def test_small_sets_get_three_restarts():
+    assert [restarts_for(n) for n in (16, 220, 499, 500, 5500)] == [3, 3, 3, 1, 1]
+    assert TrainConfig().restarts == 1 and TrainConfig(seed=2).restart_seeds() == [2]
+    with pytest.raises(ValueError, match="restarts must be >= 1"):
+        TrainConfig(restarts=0)
