@@ -62,7 +62,7 @@ def test_prototype_is_not_scale_free_and_needs_two_classes():
     mu = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]], requires_grad=True)
     labels = torch.tensor([0, 0, 1])
     # shrinking the latent does not satisfy it (the spread ratio would not change)
-    assert float(losses.prototype(mu * 0.1, labels)) > float(losses.prototype(mu, labels)) + 0.5
+    assert float(losses.prototype(mu * 0.1, labels).detach()) > float(losses.prototype(mu, labels).detach()) + 0.5
     out = losses.prototype(mu, torch.tensor([0, 0, -1]))
     assert float(out.detach()) == 0.0
     out.backward()
