@@ -80,10 +80,9 @@ def build(
         result = fit(model, x, cfg, torch.from_numpy(codes), schedule=schedule, on_epoch=on_epoch, shard=shard)
         mu, err = (t.double().cpu().numpy() for t in encode_mu(model, x))
         clusterer = fit_clusterer(mu, err, cluster_cfg, labels if train_cfg.semi_supervised else None)
-        runs.append((model, result, mu, err, clusterer))
-    kept, agreement = most_agreeing([clusters.assign(m, e).cluster for _, _, m, e, clusters in runs])
-    model, result, mu, err, clusterer = runs[kept]
-    assigned = clusterer.assign(mu, err)
+        runs.append((model, result, mu, err, clusterer, clusterer.assign(mu, err)))
+    kept, agreement = most_agreeing([assigned.cluster for *_, assigned in runs])
+    model, result, mu, err, clusterer, assigned = runs[kept]
     metrics: dict[str, Any] = {
         "n_clusters": clusterer.k,
         "novel_fraction": float(np.mean(assigned.cluster < 0)),
