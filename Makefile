@@ -56,7 +56,7 @@ headtohead: $(STAMP)
 	mkdir -p out
 	$(BIN)/python bench/headtohead.py --jobs 2 --json out/headtohead.json
 
-# What methods given more than Wingbeat (true labels, perfect starts) reach on the paper data: the targets' scale
+# What methods given more than Wingbeat (K, true labels, perfect starts) reach on the paper data: the targets' scale
 ceiling: $(STAMP)
 	$(BIN)/python bench/ceiling.py
 
