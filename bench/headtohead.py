@@ -7,7 +7,7 @@ of clusters itself. Baselines are fitted on the very events they are scored on a
 PCA(2)+GMM by BIC, PCA(10)+GMM by BIC, Ward K = 11, k-means K = 11.
 Semi-supervised: the labels of 7 species in training; 25, 90, 130 and 180 Hz are never labelled (``HELD_OUT``);
 ARI/AMI over all 11 and over those 4 alone.
-Simulated recordings (``daemon.simulate``): 250 events per species, 4–12 species, one or two wavelengths, split
+Simulated recordings (``daemon.data.simulate``): 250 events per species, 4–12 species, one or two wavelengths, split
 per label like the paper data (first half train, next quarter choose, last quarter report).
 UCR InsectWingbeatSound (220 real events, 11 classes): unsupervised on all 220, against Ward and k-means told K.
 
@@ -67,7 +67,7 @@ def paper_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def sim_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """Simulated recordings of the seed's configuration in ``SIM``, featurised like the daemon does."""
-    from daemon.simulate import SimConfig, simulate
+    from daemon.data.simulate import SimConfig, simulate
 
     species, channels = SIM[seed % len(SIM)]
     d = simulate(SimConfig(events=SIM_PER_SPECIES * species, species=species, channels=channels, seed=seed))

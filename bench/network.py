@@ -34,8 +34,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.clients import events_of, replay
-from daemon.datasets import read_recordings
+from daemon.cli.clients import events_of, replay
+from daemon.data.datasets import read_recordings
 
 CONFIG = """
 [ingest]

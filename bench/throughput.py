@@ -33,14 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAINER_SHARE = 0.0  # --trainer-share: training.cpu_share of the daemon under test (0 = its default)
 sys.path.insert(0, str(ROOT))
 
-from daemon.datasets import read_recordings
+from daemon.data.datasets import read_recordings
 from model.spectra import FeatureConfig, featurise_events
 
 SENDER = r"""
 import sys, time, json
 sys.path.insert(0, sys.argv[1])
-from daemon.clients import events_of, replay
-from daemon.datasets import read_recordings
+from daemon.cli.clients import events_of, replay
+from daemon.data.datasets import read_recordings
 from daemon.protocol import Event
 from pathlib import Path
 rec = read_recordings(Path(sys.argv[2]))

@@ -12,7 +12,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 import numpy as np
 
@@ -190,7 +190,7 @@ def decode_ack(frames: list[bytes]) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class Output:
-    """One event's output: built once (``daemon.pipeline.outputs``), stored, read back for a republish and sent
+    """One event's output: built once (``daemon.serve.pipeline.outputs``), stored, read back for a republish and sent
     with the same fields. ``rec_error`` is kept in the store for drift; the wire does not carry it."""
 
     event_id: int
@@ -221,3 +221,70 @@ class Output:
 
 def encode_output(output: Output) -> list[bytes]:
     return [f"cluster.{output.sensor}".encode(), json.dumps(output.to_wire()).encode()]
+
+
+# The records the stages hand each other: ingest → pipeline → store → ingest (acks), and the network's pooled
+# events. Kept here, beside the wire's own records, so that no stage imports another for a type.
+
+
+@dataclass(frozen=True)
+class Received:
+    frames: list[bytes]
+    identity: bytes | None  # ROUTER peer to ack; None for the plain endpoint (nobody to ack)
+    t: float  # monotonic receive time
+    endpoint: str  # "ack" or "plain"
+
+
+@dataclass
+class Decoded:
+    """A received micro-batch, decoded: events unique within the batch, rejections, and repeated copies."""
+
+    received: list[Received]
+    events: list[tuple[Received, Event]]
+    rejects: list[tuple[Received, Reject]]
+    duplicates: list[tuple[Received, Event]]
+
+
+class Quarantined(NamedTuple):
+    """A rejected message as the quarantine table keeps it."""
+
+    reason: str
+    detail: str
+    sensor: str | None
+    seq: int | None
+    frames: bytes  # the message's frames joined by NUL, capped
+    endpoint: str  # "ack" (ROUTER) or "plain" (PULL)
+
+
+@dataclass(frozen=True)
+class Ack:
+    received: Received
+    sensor: str | None
+    seq: int | None
+    status: str  # stored | duplicate | rejected
+    reason: str = ""
+
+
+@dataclass
+class Settled:
+    stored: list[tuple[Received, Event, int]]  # newly stored events with their IDs
+    acks: list[Ack]  # every ack of the batch
+    outputs: list[Output]  # outputs stored with the batch, with their event IDs
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """An event as a station forwarded it: metadata, features (float32 bytes) and, optionally, raw samples."""
+
+    station: str
+    sensor: str
+    seq: int
+    t0_ns: int
+    fs: float
+    dtype: str
+    channels: int
+    n_samples: int
+    label: str
+    meta: dict[str, Any]
+    features: bytes
+    raw: bytes | None

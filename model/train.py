@@ -97,7 +97,7 @@ class TrainConfig:
 class Shard:
     """This process's part of a data-parallel training (``torchrun``): rank ``rank`` of ``world`` processes.
 
-    The launcher (``daemon.ddp``) injects the collectives, so this module opens no socket: ``all_sum`` adds a
+    The launcher (``daemon.train.ddp``) injects the collectives, so this module opens no socket: ``all_sum`` adds a
     tensor over all ranks in place (``torch.distributed.all_reduce``) and ``wrap`` makes the module whose
     backward averages gradients over the ranks (``DistributedDataParallel``).
     """

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.versions import read_version, write_version
+from daemon.store.versions import read_version, write_version
 from model.checkpoint import CLUSTERER, MANIFEST, WEIGHTS, CheckpointError, pack, unpack
 from model.cluster import ClusterConfig, fit_clusterer
 from model.spectra import FeatureConfig

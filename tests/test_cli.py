@@ -88,8 +88,8 @@ def test_train_on_cuda_gives_the_cpu_model_within_rounding(sim, tmp_path):
     the same epoch kept; latent means within 0.05 (5 % of the prior's standard deviation, far below the distance
     between clusters); cluster assignments agree up to events on a boundary (ARI ≥ 0.95 between the two).
     """
-    from daemon.datasets import load_dataset
-    from daemon.versions import read_version
+    from daemon.data.datasets import load_dataset
+    from daemon.store.versions import read_version
     from model.evaluate import scores
     from model.predict import predict
     from model.spectra import FeatureConfig

@@ -13,8 +13,8 @@ import pytest
 import zmq
 from harness import Daemon, cli, simulate
 
-from daemon.clients import events_of, replay, tail
-from daemon.datasets import read_recordings
+from daemon.cli.clients import events_of, replay, tail
+from daemon.data.datasets import read_recordings
 
 N = 300  # events in the simulated set
 

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from daemon.config import Config, ConfigError, load, to_toml
+from daemon.ops.config import Config, ConfigError, load, to_toml
 
 
 def write(tmp_path, text):

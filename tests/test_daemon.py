@@ -17,11 +17,11 @@ import zmq
 from harness import CONFIG, Daemon, Subscriber, cli, simulate, wait_for
 from scipy.optimize import linear_sum_assignment
 
-from daemon.clients import events_of, replay
-from daemon.datasets import read_recordings
+from daemon.cli.clients import events_of, replay
+from daemon.data.datasets import read_recordings
 from daemon.protocol import decode_ack
-from daemon.store import Store
-from daemon.versions import read_version
+from daemon.store.db import Store
+from daemon.store.versions import read_version
 from model.predict import predict
 
 
@@ -242,7 +242,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def test_gate_known_answers():
-    from daemon.supervisor import gate
+    from daemon.train.supervisor import gate
 
     ok = {"val_rec": 10.9, "parent_val_rec": 10.0, "ari": 0.60, "parent_ari": 0.62}
     assert gate(ok, 0.10, 0.05) == ""  # 9 % worse, 0.02 ARI lower: within both tolerances

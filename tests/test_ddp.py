@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from harness import ROOT, cli, simulate
 
-from daemon.versions import read_version
+from daemon.store.versions import read_version
 
 pytestmark = pytest.mark.slow
 EPOCHS = "150"

@@ -2,7 +2,7 @@
 points, corrupt model versions, a full disk, a slow subscriber, a flood, a store from an older release. Each test
 counts what was sent, stored, duplicated and lost, and how long recovery took; ``make faults`` prints the table.
 
-Crash points are the daemon's own (daemon/faults.py, switched on by the environment): the process kills itself
+Crash points are the daemon's own (daemon/ops/faults.py, switched on by the environment): the process kills itself
 with SIGKILL at an exact place in its code, as a power cut or the OOM killer would, and is started again.
 """
 
@@ -31,10 +31,10 @@ import pytest
 import zmq
 from harness import ROOT, Daemon, cli, simulate, wait_for
 
-from daemon.clients import ReplayResult, events_of, replay
-from daemon.datasets import read_recordings
+from daemon.cli.clients import ReplayResult, events_of, replay
+from daemon.data.datasets import read_recordings
 from daemon.protocol import Event
-from daemon.store import DB_NAME, Store
+from daemon.store.db import DB_NAME, Store
 
 pytestmark = pytest.mark.faults
 DATA = Path(__file__).parent / "data"
@@ -659,8 +659,8 @@ def test_without_heartbeats_a_hung_subscriber_is_never_cut(tmp_path, sim, model)
 # ---- 6: a flood ---------------------------------------------------------------------------------------------------
 FLOODER = """
 import json, sys, time, numpy as np, zmq
-from daemon.clients import events_of
-from daemon.datasets import read_recordings
+from daemon.cli.clients import events_of
+from daemon.data.datasets import read_recordings
 from daemon.protocol import encode_ingest
 from pathlib import Path
 rec = read_recordings(Path(sys.argv[2]))

@@ -24,9 +24,9 @@ import pytest
 from harness import CONFIG, ROOT, Daemon, cli, simulate, wait_for
 from test_faults import Sender, figures, record
 
-from daemon.clients import events_of, replay
-from daemon.datasets import read_recordings
-from daemon.store import DB_NAME
+from daemon.cli.clients import events_of, replay
+from daemon.data.datasets import read_recordings
+from daemon.store.db import DB_NAME
 
 pytestmark = pytest.mark.slow
 NATS = shutil.which("nats-server") or ("/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None)
@@ -499,11 +499,11 @@ def bucket_names(url: str, bucket: str) -> list[str]:
 @needs_nats
 def test_the_centre_keeps_only_the_newest_versions_in_the_bucket(tmp_path):
     """Versions 1–4 offered by the centre's link with keep_versions = 2: the bucket ends with v3 and v4, each as put."""
-    from daemon.config import Network
-    from daemon.metrics import Metrics
-    from daemon.network import NetworkLink
-    from daemon.network_wire import unpack_version
-    from daemon.store import Store
+    from daemon.net.link import NetworkLink
+    from daemon.net.wire import unpack_version
+    from daemon.ops.config import Network
+    from daemon.ops.metrics import Metrics
+    from daemon.store.db import Store
     from model.checkpoint import FILES
 
     nats = NatsServer(tmp_path / "nats")

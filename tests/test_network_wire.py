@@ -1,4 +1,4 @@
-"""The network's pure parts (daemon/network.py): the event message, model versions as objects, the [network]
+"""The network's pure parts (daemon/net/link.py): the event message, model versions as objects, the [network]
 table, and the store's schema 3 (events unique by station, sensor, seq). Fast: no server."""
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.config import ConfigError, load
-from daemon.network_wire import (
+from daemon.net.wire import (
     WireError,
     decode_event,
     encode_event,
@@ -23,8 +22,10 @@ from daemon.network_wire import (
     stale_versions,
     unpack_version,
 )
-from daemon.schema import MIGRATIONS
-from daemon.store import DB_NAME, Pooled, Store
+from daemon.ops.config import ConfigError, load
+from daemon.protocol import Pooled
+from daemon.store.db import DB_NAME, Store
+from daemon.store.schema import MIGRATIONS
 from model.checkpoint import FILES
 
 FEATURES = {"nperseg": 256, "bins": 64}

@@ -11,13 +11,13 @@ import pytest
 import torch
 import zmq
 
-from daemon.config import Config, Training, reload
-from daemon.ingest import Ingest, Received, decode_batch
-from daemon.metrics import Metrics
-from daemon.pipeline import Featuriser, outputs_for, process, settle
-from daemon.protocol import Event, Limits, encode_ingest
-from daemon.publish import Publisher
-from daemon.supervisor import TrainingSchedule
+from daemon.ops.config import Config, Training, reload
+from daemon.ops.metrics import Metrics
+from daemon.protocol import Event, Limits, Received, encode_ingest
+from daemon.serve.ingest import Ingest, decode_batch
+from daemon.serve.pipeline import Featuriser, outputs_for, process, settle
+from daemon.serve.publish import Publisher
+from daemon.train.supervisor import TrainingSchedule
 from model.checkpoint import ModelVersion, pack, unpack
 from model.cluster import NOVEL, ClusterConfig, fit_clusterer
 from model.spectra import FeatureConfig
@@ -226,6 +226,6 @@ def test_nan_drift_reference_never_triggers_on_reconstruction():
     ("busy", "share", "rest"), [(0.2, 1.0, 0.0), (0.2, 0.5, 0.2), (0.3, 0.3, 0.7), (-1.0, 0.5, 0.0)]
 )
 def test_a_cpu_training_rests_to_its_share(busy, share, rest):
-    from daemon.trainer import rest_after
+    from daemon.train.trainer import rest_after
 
     assert rest_after(busy, share) == pytest.approx(rest)

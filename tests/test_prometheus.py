@@ -24,9 +24,9 @@ import yaml
 import zmq
 from harness import ROOT, Daemon, simulate, wait_for
 
-from daemon.clients import events_of, replay
-from daemon.datasets import read_recordings
-from daemon.metrics import Metrics, MetricsServer
+from daemon.cli.clients import events_of, replay
+from daemon.data.datasets import read_recordings
+from daemon.ops.metrics import Metrics, MetricsServer
 from daemon.protocol import decode_ack
 
 PROM = ROOT / "deploy" / "prometheus"

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.config import Config, ConfigError, load
+from daemon.ops.config import Config, ConfigError, load
 from daemon.protocol import (
     DTYPES,
     REASONS,

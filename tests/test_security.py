@@ -14,10 +14,10 @@ import pytest
 import zmq
 from harness import Daemon, cli, wait_for
 
-from daemon.clients import Curve, events_of, replay
-from daemon.datasets import read_recordings
+from daemon.cli.clients import Curve, events_of, replay
+from daemon.data.datasets import read_recordings
+from daemon.ops.security import secure_client
 from daemon.protocol import encode_ingest
-from daemon.security import secure_client
 
 
 def keys(out: Path, name: str) -> tuple[Path, Path]:

@@ -16,13 +16,13 @@ import torch
 import zmq
 from harness import CONFIG, Daemon, Subscriber, cli, simulate, wait_for
 
-from daemon.clients import events_of, replay
-from daemon.config import RELOADABLE, Config, flatten, load
-from daemon.datasets import read_recordings
+from daemon.cli.clients import events_of, replay
+from daemon.data.datasets import read_recordings
+from daemon.ops.config import RELOADABLE, Config, flatten, load
 from daemon.protocol import encode_ingest
-from daemon.service import Service
-from daemon.store import DB_NAME, Store
-from daemon.versions import read_version, write_version
+from daemon.serve.service import Service
+from daemon.store.db import DB_NAME, Store
+from daemon.store.versions import read_version, write_version
 from model.build import build
 from model.checkpoint import pack
 from model.cluster import ClusterConfig
@@ -200,7 +200,7 @@ def subset(src: Path, out: Path, lo: int, hi: int) -> Path:
 def test_published_clusters_score_what_evaluate_scores_on_unseen_recordings(tmp_path_factory, tmp_path):
     """No loss between offline and serving: a model trained on one half of a simulated set serves the other half
     through the daemon; the published clusters are the ones ``wingbeat evaluate`` computes for the same events."""
-    from daemon.versions import read_version
+    from daemon.store.versions import read_version
     from model.evaluate import scores
     from model.predict import predict
 
@@ -231,7 +231,7 @@ def test_published_clusters_score_what_evaluate_scores_on_unseen_recordings(tmp_
     assert published["ami"] == pytest.approx(offline["ami"], abs=0.01)
     # event by event: the daemon featurises in batches, evaluate all at once; float32 rounding may move an event
     # that sits on a boundary, nothing more
-    from daemon.datasets import load_dataset
+    from daemon.data.datasets import load_dataset
 
     version = read_version(model)
     same = served == predict(version, load_dataset(unseen, version.features).features).cluster
@@ -240,6 +240,6 @@ def test_published_clusters_score_what_evaluate_scores_on_unseen_recordings(tmp_
 
 def test_config_is_the_same_object_tree_after_a_round_trip():
     cfg = Config()
-    from daemon.config import from_dict
+    from daemon.ops.config import from_dict
 
     assert from_dict(cfg.to_dict()) == cfg

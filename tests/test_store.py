@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.protocol import Event, Output
-from daemon.store import DB_NAME, SCHEMA_VERSION, Quarantined, Store, StoreError
+from daemon.protocol import Event, Output, Quarantined
+from daemon.store.db import DB_NAME, SCHEMA_VERSION, Store, StoreError
 
 
 def ev(seq: int, sensor: str = "s1", label: str = "", n: int = 100) -> Event:
@@ -110,7 +110,7 @@ def test_a_schema_1_store_migrates_with_a_backup_and_loses_nothing(tmp_path):
 
 
 def test_a_failed_migration_leaves_the_old_store_as_it_was(tmp_path, monkeypatch):
-    import daemon.store as store
+    import daemon.store.db as store
 
     shutil.copy(V1, tmp_path / DB_NAME)
     monkeypatch.setitem(store.MIGRATIONS, 1, [*store.MIGRATIONS[1], "ALTER TABLE nothing ADD COLUMN x"])

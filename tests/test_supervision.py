@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from harness import CONFIG, Daemon, Subscriber, cli, simulate, wait_for
 
-from daemon.clients import events_of, replay
-from daemon.datasets import read_recordings
-from daemon.store import Store
-from daemon.versions import read_version
+from daemon.cli.clients import events_of, replay
+from daemon.data.datasets import read_recordings
+from daemon.store.db import Store
+from daemon.store.versions import read_version
 
 pytestmark = pytest.mark.slow
 

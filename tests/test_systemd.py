@@ -27,12 +27,12 @@ import pytest
 import zmq
 from harness import CONFIG, ROOT, Daemon, wait_for
 
-from daemon.config import Config, Ingest, Publish
-from daemon.config import Metrics as M
+from daemon.ops.config import Config, Ingest, Publish
+from daemon.ops.config import Metrics as M
+from daemon.ops.systemd import watchdog_interval
 from daemon.protocol import Event, decode_ack, encode_ingest
-from daemon.service import Service
-from daemon.store import DB_NAME, Store
-from daemon.systemd import watchdog_interval
+from daemon.serve.service import Service
+from daemon.store.db import DB_NAME, Store
 
 UNIT = ROOT / "systemd" / "wingbeat.service"
 

@@ -1,5 +1,5 @@
 """The network's wire, pure: the event message a station forwards and the centre decodes, message IDs, subjects,
-and model versions packed as one object. No sockets, no NATS (``daemon.network`` is the stage around them).
+and model versions packed as one object. No sockets, no NATS (``daemon.net.link`` is the stage around them).
 
 The event message (``wingbeat.events.<station>.<sensor>``): a 4-byte big-endian header length, the UTF-8 JSON
 header, the features (float32 little-endian, ``features.shape``), then the raw samples (``raw_bytes`` of them,
@@ -17,8 +17,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from daemon.protocol import DTYPES, SENSOR_RE, Output
-from daemon.store import Pooled
+from daemon.protocol import DTYPES, SENSOR_RE, Output, Pooled
 from model.checkpoint import FILES
 
 WIRE_VERSION = 1

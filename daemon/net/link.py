@@ -16,8 +16,8 @@ only through thread-safe queues and two integers, never waits on the network, an
   and downloads a newer version into ``incoming/``; the loop imports it through ``ModelDir.import_`` (checked as a
   local one is) under the same number, and swaps it in between batches.
 
-The messages and the packing of versions are pure, in ``daemon.network_wire``; the bucket's side of versions is
-``daemon.network_versions``.
+The messages and the packing of versions are pure, in ``daemon.net.wire``; the bucket's side of versions is
+``daemon.net.versions``.
 """
 
 from __future__ import annotations
@@ -34,11 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon import logs
-from daemon.config import Network as NetworkConfig
-from daemon.metrics import Metrics
-from daemon.network_versions import BucketVersions
-from daemon.network_wire import (
+from daemon.net.versions import BucketVersions
+from daemon.net.wire import (
     EVENTS,
     QUARANTINE_FRAME_BYTES,
     WireError,
@@ -46,8 +43,11 @@ from daemon.network_wire import (
     encode_event,
     output_subject,
 )
-from daemon.protocol import Output
-from daemon.store import Pooled, Quarantined, Store
+from daemon.ops import logs
+from daemon.ops.config import Network as NetworkConfig
+from daemon.ops.metrics import Metrics
+from daemon.protocol import Output, Pooled, Quarantined
+from daemon.store.db import Store
 
 
 @dataclass

@@ -9,38 +9,19 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import zmq
 
-from daemon import logs
-from daemon.config import Ingest as IngestConfig
-from daemon.metrics import Metrics
-from daemon.protocol import Event, Limits, Reject, decode_ingest, encode_ack
+from daemon.ops import logs
+from daemon.ops.config import Ingest as IngestConfig
+from daemon.ops.metrics import Metrics
+from daemon.protocol import Decoded, Limits, Received, Reject, decode_ingest, encode_ack
 
 if TYPE_CHECKING:
-    from daemon.pipeline import Settled
+    from daemon.protocol import Settled
 
 Secure = Callable[["zmq.Socket[bytes]", str, str], None]  # (socket, name, endpoint): CURVE, or a warning
-
-
-@dataclass(frozen=True)
-class Received:
-    frames: list[bytes]
-    identity: bytes | None  # ROUTER peer to ack; None for the plain endpoint (nobody to ack)
-    t: float  # monotonic receive time
-    endpoint: str  # "ack" or "plain"
-
-
-@dataclass
-class Decoded:
-    """A received micro-batch, decoded: events unique within the batch, rejections, and repeated copies."""
-
-    received: list[Received]
-    events: list[tuple[Received, Event]]
-    rejects: list[tuple[Received, Reject]]
-    duplicates: list[tuple[Received, Event]]
 
 
 def decode_batch(received: list[Received], limits: Limits) -> Decoded:

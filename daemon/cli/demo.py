@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from daemon.clients import ReplayResult, events_of, replay
-from daemon.datasets import read_recordings
+from daemon.cli.clients import ReplayResult, events_of, replay
+from daemon.data.datasets import read_recordings
 
 CONFIG = """
 [ingest]
@@ -156,7 +156,7 @@ def _watch(
     )
     _offline_vs_served(state, sent_file, latest, truth)
     (root / "metrics.txt").write_bytes(urllib.request.urlopen(f"http://{eps['metrics']}/metrics", timeout=10).read())
-    from daemon.store import Store
+    from daemon.store.db import Store
 
     store = Store(state, readonly=True)
     serving = next(m["version"] for m in store.models() if m["status"] == "serving")
@@ -224,8 +224,8 @@ def _offline_vs_served(state: Path, data: Path, latest: dict[int, dict[str, Any]
     ``wingbeat evaluate`` computes for the same version on the same events."""
     from sklearn.metrics import adjusted_rand_score
 
-    from daemon.datasets import load_dataset
-    from daemon.versions import read_version
+    from daemon.data.datasets import load_dataset
+    from daemon.store.versions import read_version
     from model.predict import predict
 
     if not latest:

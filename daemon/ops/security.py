@@ -18,9 +18,9 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from daemon import logs
-from daemon.config import Security as SecurityConfig
-from daemon.metrics import Metrics
+from daemon.ops import logs
+from daemon.ops.config import Security as SecurityConfig
+from daemon.ops.metrics import Metrics
 
 
 class KeyFileError(ValueError):

@@ -159,7 +159,7 @@ class Metrics:
         self.loop_heartbeat = Gauge(
             "wingbeat_loop_heartbeat_timestamp_seconds", "Last time the serving loop ran.", registry=r
         )
-        # the network (daemon.network, DESIGN §9): 0 on a daemon without [network]
+        # the network (daemon.net.link, DESIGN §9): 0 on a daemon without [network]
         self.outbox_events = Gauge(
             "wingbeat_outbox_events", "Station: stored events not yet acked by JetStream (the outbox).", registry=r
         )
@@ -207,7 +207,7 @@ class Metrics:
             self.models_rejected.labels(why)
         for op in ("ingest", "outputs", "retention"):
             self.store_errors.labels(op)
-        for why in ("frame", "json", "header", "features", "raw"):  # daemon.network.REASONS
+        for why in ("frame", "json", "header", "features", "raw"):  # daemon.net.link.REASONS
             self.net_quarantined.labels(why)
         for outcome in ("published", "dropped"):
             self.net_outputs.labels(outcome)

@@ -1,5 +1,5 @@
 """The store's tables of model versions and settings (``models``, ``meta.features``): which version serves, which
-were claimed, refused or failed, and how the stored features were made. Methods of ``daemon.store.Store``, kept in
+were claimed, refused or failed, and how the stored features were made. Methods of ``daemon.store.db.Store``, kept in
 their own module."""
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
     receive (ingest) → pipeline (decode, featurise, predict) → store (one transaction) → ack → publish
       → supervise (trainer, gate, swap) → exchange (network, with [network]) → housekeep
 
-Each stage owns its sockets, queues and state (``daemon.ingest``, ``daemon.pipeline``, ``daemon.publish``,
-``daemon.supervisor``, ``daemon.housekeeping``); state passes between them as arguments. While batch N is stored,
-acked and published here, batch N+1 is featurised in the featurise threads. Signals only set flags.
+Each stage owns its sockets, queues and state (``daemon.serve.ingest``, ``daemon.serve.pipeline``,
+``daemon.serve.publish``, ``daemon.train.supervisor``, ``daemon.serve.housekeeping``); state passes between them as
+arguments. While batch N is stored, acked and published here, batch N+1 is featurised in the featurise threads.
+Signals only set flags.
 """
 
 from __future__ import annotations
@@ -20,21 +21,21 @@ from typing import Any
 
 import zmq
 
-from daemon import logs
-from daemon.config import Config, ConfigError, reload
-from daemon.faults import crash_point
-from daemon.housekeeping import Housekeeper, Rate
-from daemon.ingest import Ingest, decode_batch
-from daemon.metrics import Metrics, MetricsServer
-from daemon.network import NetworkLink
-from daemon.pipeline import Featuriser, Job, outputs_for, process, settle
+from daemon.net.link import NetworkLink
+from daemon.ops import logs
+from daemon.ops.config import Config, ConfigError, reload
+from daemon.ops.faults import crash_point
+from daemon.ops.metrics import Metrics, MetricsServer
+from daemon.ops.security import SocketSecurity
+from daemon.ops.systemd import Watchdog, reloading, sd_notify, watchdog_interval
 from daemon.protocol import Output
-from daemon.publish import Publisher
-from daemon.security import SocketSecurity
-from daemon.store import Store
-from daemon.supervisor import Supervisor
-from daemon.systemd import Watchdog, reloading, sd_notify, watchdog_interval
-from daemon.versions import ModelDir, Refused
+from daemon.serve.housekeeping import Housekeeper, Rate
+from daemon.serve.ingest import Ingest, decode_batch
+from daemon.serve.pipeline import Featuriser, Job, outputs_for, process, settle
+from daemon.serve.publish import Publisher
+from daemon.store.db import Store
+from daemon.store.versions import ModelDir, Refused
+from daemon.train.supervisor import Supervisor
 from model.checkpoint import ModelVersion
 from model.cluster import NOVEL
 from model.spectra import FeatureConfig
@@ -255,7 +256,7 @@ class Service:
                 self.network.offer_version(n, self.models.path(n))
 
     def exchange(self) -> None:
-        """The network stage (``daemon.network``): record the outbox watermark JetStream acked; at the centre,
+        """The network stage (``daemon.net.link``): record the outbox watermark JetStream acked; at the centre,
         store the stations' events; at a station, swap in a newer version from the network."""
         net = self.network
         if net is None:

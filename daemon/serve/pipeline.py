@@ -1,5 +1,5 @@
 """The pipeline: a decoded micro-batch and the serving model in; rows to store, quarantine rows, acks and outputs
-out. Pure: no sockets, no clock, no SQLite. The serving loop (``daemon.service``) stores what ``process`` returns,
+out. Pure: no sockets, no clock, no SQLite. The serving loop (``daemon.serve.service``) stores what ``process`` returns,
 then gives the new event IDs to ``settle`` for the acks and the outputs to publish.
 
 Featurising (Welch) is the costly step; ``Featuriser`` runs it for batch N+1 in threads while batch N commits
@@ -13,9 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from daemon.ingest import Decoded, Received
-from daemon.protocol import Event, Output, Reject
-from daemon.store import Quarantined
+from daemon.protocol import Ack, Decoded, Event, Output, Quarantined, Received, Reject, Settled
 from model.checkpoint import ModelVersion
 from model.cluster import NOVEL
 from model.predict import predict
@@ -89,15 +87,6 @@ class Featuriser:
             self.pool.shutdown(wait=True)
 
 
-@dataclass(frozen=True)
-class Ack:
-    received: Received
-    sensor: str | None
-    seq: int | None
-    status: str  # stored | duplicate | rejected
-    reason: str = ""
-
-
 @dataclass
 class Processed:
     """What one batch asks of the store, the senders and the subscribers."""
@@ -143,13 +132,6 @@ def process(
         info = [(0, e.sensor, e.seq, e.t0_ns) for _, e in events]
         outputs = outputs_for(model, version, info, np.stack([f.reshape(-1) for f in feats]), np.ones(len(feats), bool))
     return Processed(events, feats, quarantine, acks, rejects, outputs)
-
-
-@dataclass
-class Settled:
-    stored: list[tuple[Received, Event, int]]  # newly stored events with their IDs
-    acks: list[Ack]  # every ack of the batch
-    outputs: list[Output]  # outputs stored with the batch, with their event IDs
 
 
 def settle(p: Processed, ids: list[int]) -> Settled:

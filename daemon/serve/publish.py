@@ -15,12 +15,12 @@ from collections import deque
 
 import zmq
 
-from daemon import logs
-from daemon.config import Publish as PublishConfig
-from daemon.faults import crash_point
-from daemon.ingest import Secure
-from daemon.metrics import Metrics
+from daemon.ops import logs
+from daemon.ops.config import Publish as PublishConfig
+from daemon.ops.faults import crash_point
+from daemon.ops.metrics import Metrics
 from daemon.protocol import Output, encode_output
+from daemon.serve.ingest import Secure
 from model.cluster import NOVEL
 
 

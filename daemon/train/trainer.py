@@ -1,6 +1,6 @@
 """The background trainer: its own process, started by the daemon for each training run.
 
-    python -m daemon.trainer --state DIR --version N --kind first|finetune|full --config-file F [--parent DIR]
+    python -m daemon.train.trainer --state DIR --version N --kind first|finetune|full --config-file F [--parent DIR]
         [--parent-pid PID]
 
 ``F`` holds the daemon's configuration (JSON of ``Config.to_dict()``), validated again here like a config file.
@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.faults import crash_point
+from daemon.ops.faults import crash_point
 
 if TYPE_CHECKING:
-    from daemon.config import Config
+    from daemon.ops.config import Config
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -117,9 +117,9 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any] | None:
     import numpy as np
     import torch
 
-    from daemon import ddp
-    from daemon.store import Store
-    from daemon.versions import read_version, write_version
+    from daemon.store.db import Store
+    from daemon.store.versions import read_version, write_version
+    from daemon.train import ddp
     from model.beta import BetaConfig, BetaSchedule
     from model.build import build
     from model.checkpoint import pack
@@ -260,7 +260,7 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m daemon.trainer", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m daemon.train.trainer", description=__doc__)
     ap.add_argument("--state", required=True)
     ap.add_argument("--version", type=int, required=True)
     ap.add_argument("--kind", choices=KINDS, required=True)
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     tie_to_parent(args.parent_pid)
     try:
-        from daemon.config import from_dict
+        from daemon.ops.config import from_dict
 
         cfg = from_dict(json.loads(Path(args.config_file).read_text()))  # the daemon's own, validated again
         lower_priority(cfg.training.idle, cfg.training.nice)

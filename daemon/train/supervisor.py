@@ -1,7 +1,7 @@
 """Training supervision: when to train (``TrainingSchedule``, pure), whether a trained version may serve
 (``gate``, pure), and the trainer process (``Trainer``).
 
-The trainer runs in its own process (``daemon.trainer``) at the lowest CPU priority (``SCHED_IDLE``), dies with
+The trainer runs in its own process (``daemon.train.trainer``) at the lowest CPU priority (``SCHED_IDLE``), dies with
 the daemon (it asks the kernel for ``PR_SET_PDEATHSIG`` itself, then checks that its parent is still the daemon),
 gets the daemon's validated configuration (a JSON file it reads back with ``config.from_dict``) and reports on
 stdout, one JSON object per line. With ``training.nproc`` > 1 it runs as that many ranks under torchrun.
@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from daemon import logs
-from daemon.config import Config
-from daemon.config import Training as TrainingConfig
-from daemon.metrics import Metrics
-from daemon.store import Store
-from daemon.versions import ModelDir
+from daemon.ops import logs
+from daemon.ops.config import Config
+from daemon.ops.config import Training as TrainingConfig
+from daemon.ops.metrics import Metrics
+from daemon.store.db import Store
+from daemon.store.versions import ModelDir
 from model.checkpoint import CheckpointError, ModelVersion
 
 RETRAIN_REQUEST = "retrain-request"  # a file in the state directory: ``wingbeat retrain`` asks for a full retrain
@@ -185,7 +185,7 @@ class TrainerRun:
 
 
 class Trainer:
-    """Starts ``python -m daemon.trainer`` for one version and collects its reports."""
+    """Starts ``python -m daemon.train.trainer`` for one version and collects its reports."""
 
     def start(self, state: str, cfg: Config, kind: str, version: int, parent: str) -> TrainerRun:
         t = cfg.training
@@ -196,7 +196,7 @@ class Trainer:
         cmd = [sys.executable, "-m"]
         if t.nproc > 1:  # data-parallel: torchrun starts the ranks (gloo on CPUs, NCCL on GPUs)
             cmd += ["torch.distributed.run", "--standalone", f"--nproc-per-node={t.nproc}", "-m"]
-        cmd += ["daemon.trainer", "--state", state, "--version", str(version), "--kind", kind, "--parent", parent]
+        cmd += ["daemon.train.trainer", "--state", state, "--version", str(version), "--kind", kind, "--parent", parent]
         cmd += ["--parent-pid", str(os.getpid()), "--config-file", str(conf)]
         env = {**os.environ, "OPENBLAS_NUM_THREADS": str(t.threads), "OMP_NUM_THREADS": str(t.threads)}
         proc = subprocess.Popen(

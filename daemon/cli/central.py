@@ -1,7 +1,7 @@
 """``wingbeat central``: the centre of a network of stations (DESIGN §9, docs/network.md). Registered on the one
-``app`` of ``daemon.cli``.
+``app`` of ``daemon.cli.app``.
 
-The centre is the daemon (``daemon.service.Service``) with its network stage in centre mode: events come from the
+The centre is the daemon (``daemon.serve.service.Service``) with its network stage in centre mode: events come from the
 stations through a durable JetStream consumer instead of ZeroMQ, and the schedule, drift trigger, gate and stable
 cluster IDs of the single daemon run on the pooled store. Its ZeroMQ endpoints listen on loopback ports the OS
 picks (``endpoints.json`` names them): a local instrument or subscriber may use them, nothing needs them.
@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from daemon.cli import app, clean_errors
+from daemon.cli.app import app, clean_errors
 
 
 @app.command()
@@ -35,9 +35,9 @@ def central(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Pool the stations' events, train on them, and put accepted versions where every station takes them."""
-    from daemon import logs
-    from daemon.config import load
-    from daemon.service import Service
+    from daemon.ops import logs
+    from daemon.ops.config import load
+    from daemon.serve.service import Service
 
     overrides = {
         "state_dir": str(state),

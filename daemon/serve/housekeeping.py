@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from daemon import logs
-from daemon.config import Config
-from daemon.metrics import Metrics
-from daemon.protocol import Event, Output
-from daemon.store import Quarantined, Store
+from daemon.ops import logs
+from daemon.ops.config import Config
+from daemon.ops.metrics import Metrics
+from daemon.protocol import Event, Output, Quarantined
+from daemon.store.db import Store
 
 
 class Rate:

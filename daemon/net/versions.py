@@ -1,6 +1,6 @@
 """Model versions through the network's object store bucket (DESIGN §9, docs/network.md): the centre puts each
 accepted version as ``v<N>`` and keeps the newest ``keep_versions``; a station polls the bucket and downloads a
-newer version than it serves. Coroutines of ``daemon.network.NetworkLink``'s thread, kept in their own module."""
+newer version than it serves. Coroutines of ``daemon.net.link.NetworkLink``'s thread, kept in their own module."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import queue
 from pathlib import Path
 from typing import Any
 
-from daemon.config import Network as NetworkConfig
-from daemon.network_wire import MAX_VERSION_BYTES, VERSION_NAME, pack_version, stale_versions, unpack_version
+from daemon.net.wire import MAX_VERSION_BYTES, VERSION_NAME, pack_version, stale_versions, unpack_version
+from daemon.ops.config import Network as NetworkConfig
 
 
 class BucketVersions:

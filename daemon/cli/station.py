@@ -1,5 +1,5 @@
 """The daemon's side of the ``wingbeat`` command: ``run``, ``check-config``, ``replay``, ``tail``, ``keys``,
-``status``, ``export``, ``retrain`` and ``demo``. Registered on the one ``app`` of ``daemon.cli``."""
+``status``, ``export``, ``retrain`` and ``demo``. Registered on the one ``app`` of ``daemon.cli.app``."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Annotated, Any
 
 import typer
 
-from daemon.cli import Device, app, clean_errors, emit_json
+from daemon.cli.app import Device, app, clean_errors, emit_json
 
 
 def _config(config: Path | None, overrides: dict[str, Any]) -> Any:
-    from daemon.config import load
+    from daemon.ops.config import load
 
     return load(config, overrides)
 
@@ -43,8 +43,8 @@ def run(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the daemon: ingest, store, cluster, publish; train in the background. SIGTERM stops it cleanly."""
-    from daemon import logs
-    from daemon.service import Service
+    from daemon.ops import logs
+    from daemon.serve.service import Service
 
     overrides = {
         "state_dir": str(state) if state else None,
@@ -68,7 +68,7 @@ def run(
 @clean_errors
 def check_config(config: Annotated[Path, typer.Argument(help="TOML config file.")]) -> None:
     """Validate a config file and print the effective configuration."""
-    from daemon.config import to_toml
+    from daemon.ops.config import to_toml
 
     typer.echo(to_toml(_config(config, {})), nl=False)
 
@@ -97,9 +97,9 @@ def replay(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Send a recordings file to the daemon; exit 0 only when every event is acknowledged."""
-    from daemon.clients import events_of
-    from daemon.clients import replay as send
-    from daemon.datasets import read_recordings
+    from daemon.cli.clients import events_of
+    from daemon.cli.clients import replay as send
+    from daemon.data.datasets import read_recordings
 
     rec = read_recordings(data)
     events = events_of(rec, sensor, start_seq, sensor_from_file=True)
@@ -128,7 +128,7 @@ def tail(
     server_key: ServerKey = None,
 ) -> None:
     """Print published outputs, one JSON object per line."""
-    from daemon.clients import tail as follow
+    from daemon.cli.clients import tail as follow
 
     curve = _curve(client_key, server_key)
     follow(connect, topic, count, timeout, lambda body: typer.echo(json.dumps(body)), curve=curve)
@@ -142,7 +142,7 @@ def keys(
 ) -> None:
     """Make a CURVE key pair for the daemon (security.server_secret_key) or for a client (its NAME.key goes into
     the daemon's security.clients_dir; the client keeps NAME.key_secret)."""
-    from daemon.security import create_keys
+    from daemon.ops.security import create_keys
 
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"--name: not a file name: {name!r}")
@@ -152,7 +152,7 @@ def keys(
 
 def _curve(client_key: Path | None, server_key: Path | None) -> Any:
     """CURVE keys for a client, both or neither."""
-    from daemon.clients import Curve
+    from daemon.cli.clients import Curve
 
     if (client_key is None) != (server_key is None):
         raise ValueError("--client-key and --server-key go together (CURVE needs both)")
@@ -180,7 +180,7 @@ def status(
     import time
     from datetime import UTC, datetime
 
-    from daemon.store import Store
+    from daemon.store.db import Store
     from model.cards import format_cards
 
     store = Store(state, readonly=True)
@@ -249,7 +249,7 @@ def export(
 
     import numpy as np
 
-    from daemon.store import Store
+    from daemon.store.db import Store
 
     if out.suffix not in (".csv", ".npz"):
         raise ValueError(f"--out must end in .csv or .npz, got {out.name}")
@@ -303,7 +303,7 @@ def retrain(
     state: Annotated[Path, typer.Option(help="State directory of the running daemon.")] = Path("wingbeat-state"),
 ) -> None:
     """Ask the running daemon for a full retrain now (also: kill -USR1 <pid>)."""
-    from daemon.supervisor import RETRAIN_REQUEST
+    from daemon.train.supervisor import RETRAIN_REQUEST
 
     if not state.is_dir():
         raise ValueError(f"{state}: no such state directory")
@@ -317,6 +317,6 @@ def demo(
     rate: Annotated[float, typer.Option(min=1.0, help="Events per second.")] = 200.0,
 ) -> None:
     """Start the daemon on embedded defaults, feed it a simulated instrument, and show what it does."""
-    from daemon.demo import run_demo
+    from daemon.cli.demo import run_demo
 
     raise typer.Exit(run_demo(events=events, rate=rate))

@@ -1,93 +1,16 @@
-"""The ``wingbeat`` command (typer). Reads flags into frozen configs, calls the core, prints results."""
+"""The model's commands: ``simulate``, ``train``, ``evaluate`` and ``plot``: data sets and model versions, no
+daemon."""
 
 from __future__ import annotations
 
 import os
-
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")  # one thread per library; set before numpy and torch load
-
-import json
 import sys
-from collections.abc import Callable
-from enum import Enum
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(
-    help="Wingbeat: cluster optically recorded insect signals into species groups with a dynamic β-VAE.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Mode(str, Enum):
-    dynamic = "dynamic"
-    vanilla = "vanilla"
-    fixed = "fixed"
-
-
-class ClusterMethod(str, Enum):
-    ward = "ward"
-    dp = "dp"
-    bic = "bic"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-def clean_errors(fn: F) -> F:
-    """Bad input ends with one line on stderr and exit status 2, never a traceback."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from daemon.datasets import DatasetError
-        from daemon.store import StoreError
-        from model.checkpoint import CheckpointError
-
-        try:
-            return fn(*args, **kwargs)
-        except (DatasetError, CheckpointError, StoreError, FileExistsError, ValueError, OSError) as e:
-            typer.echo(f"wingbeat: error: {e}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def pick_device(choice: Device) -> Any:
-    import torch
-
-    if choice is Device.cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    if choice is Device.auto:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice.value)
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    """The command line again, without ``--nproc N`` (the ranks it launches train as one each)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out
-
-
-def emit_json(obj: dict[str, Any]) -> None:
-    typer.echo(json.dumps(obj, allow_nan=False))
+from daemon.cli.app import ClusterMethod, Device, Mode, app, clean_errors, emit_json, pick_device, without_nproc
 
 
 @app.command()
@@ -104,8 +27,8 @@ def simulate(
     """Write a recordings data set from a simulated optical insect sensor."""
     import numpy as np
 
-    from daemon.simulate import SimConfig
-    from daemon.simulate import simulate as run_sim
+    from daemon.data.simulate import SimConfig
+    from daemon.data.simulate import simulate as run_sim
 
     cfg = SimConfig(
         events=events, species=species, seed=seed, labelled_fraction=labelled_fraction, fs=fs, channels=channels
@@ -182,16 +105,16 @@ def train(
     ``--nproc N``) every rank trains on its share of the events and rank 0 writes the version."""
     import torch
 
-    from daemon import ddp
+    from daemon.train import ddp
 
     if nproc > 1 and not ddp.under_torchrun():
         if out.exists() and not force:
             raise FileExistsError(f"{out} already exists (choose another --out, or --force to replace it)")
-        raise typer.Exit(ddp.launch(nproc, ["daemon.cli", *_without_nproc(sys.argv[1:])]))
+        raise typer.Exit(ddp.launch(nproc, ["daemon.cli", *without_nproc(sys.argv[1:])]))
 
-    from daemon.datasets import load_dataset
-    from daemon.progress import EpochProgress
-    from daemon.versions import write_version
+    from daemon.data.datasets import load_dataset
+    from daemon.store.versions import write_version
+    from daemon.train.progress import EpochProgress
     from model.beta import BetaConfig, GammaConfig
     from model.build import build
     from model.checkpoint import pack
@@ -295,8 +218,8 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object last.")] = False,
 ) -> None:
     """ARI and AMI of the model's clusters against the labels of every labelled event."""
-    from daemon.datasets import load_dataset
-    from daemon.versions import read_version
+    from daemon.data.datasets import load_dataset
+    from daemon.store.versions import read_version
     from model.evaluate import baselines as run_baselines
     from model.evaluate import scores
     from model.predict import predict
@@ -336,24 +259,12 @@ def plot(
     skip_bad: Annotated[bool, typer.Option(help="Leave out events that cannot be featurised.")] = False,
 ) -> None:
     """Latent space by cluster and label, β / γ / loss curves, spectra beside their reconstructions."""
-    from daemon.datasets import load_dataset
-    from daemon.plot import render
-    from daemon.versions import read_version
+    from daemon.data.datasets import load_dataset
+    from daemon.report.plot import render
+    from daemon.store.versions import read_version
 
     version = read_version(model_dir)
     ds = load_dataset(data, version.features, skip_bad=skip_bad) if data is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
     render(version, ds.features if ds else None, ds.label if ds else None, out)
     typer.echo(f"wrote {out}")
-
-
-def main() -> None:
-    from daemon import cli_central, cli_daemon  # noqa: F401 (register the daemon's commands on app: run, central, …)
-
-    app()
-
-
-if __name__ == "__main__":  # python -m daemon.cli: the commands are registered on daemon.cli's app, not __main__'s
-    from daemon.cli import main as _main
-
-    _main()

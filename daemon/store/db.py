@@ -15,16 +15,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from daemon.protocol import Event, Output
-from daemon.schema import DB_NAME, MIGRATIONS, SCHEMA, SCHEMA_VERSION, Checkpointer
-from daemon.store_models import ModelTables
-from daemon.store_network import NetworkTables, Pooled
+from daemon.protocol import Event, Output, Quarantined
+from daemon.store.models import ModelTables
+from daemon.store.network import NetworkTables
+from daemon.store.schema import DB_NAME, MIGRATIONS, SCHEMA, SCHEMA_VERSION, Checkpointer
 
-__all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "Pending", "Pooled", "Quarantined", "Store", "StoreError"]
+__all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "Pending", "Store", "StoreError"]
 
 INSERT_OUTPUT = (
     "INSERT OR IGNORE INTO outputs (event_id, model_version, cluster, probability, novelty, rec_error, latent)"
@@ -35,17 +35,6 @@ MARK_PUBLISHED = "UPDATE outputs SET published = 1 WHERE event_id = ?"
 
 class StoreError(RuntimeError):
     pass
-
-
-class Quarantined(NamedTuple):
-    """A rejected message as the quarantine table keeps it."""
-
-    reason: str
-    detail: str
-    sensor: str | None
-    seq: int | None
-    frames: bytes  # the message's frames joined by NUL, capped
-    endpoint: str  # "ack" (ROUTER) or "plain" (PULL)
 
 
 @dataclass(frozen=True)

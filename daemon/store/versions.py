@@ -10,10 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon import logs
-from daemon.faults import crash_point
-from daemon.metrics import Metrics
-from daemon.store import Store
+from daemon.ops import logs
+from daemon.ops.faults import crash_point
+from daemon.ops.metrics import Metrics
+from daemon.store.db import Store
 from model.checkpoint import FILES, CheckpointError, ModelVersion, unpack
 
 

@@ -1,5 +1,5 @@
-"""The store's tables of the network (``daemon.network``, DESIGN §9): a station's outbox (its own events above the
-forwarded watermark) and the centre's pooled events. Methods of ``daemon.store.Store``, kept in their own module."""
+"""The store's tables of the network (``daemon.net.link``, DESIGN §9): a station's outbox (its own events above the
+forwarded watermark) and the centre's pooled events. Methods of ``daemon.store.db.Store``, kept in their own module."""
 
 from __future__ import annotations
 
@@ -7,29 +7,9 @@ import json
 import sqlite3
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from daemon.store import Quarantined
-
-
-@dataclass(frozen=True)
-class Pooled:
-    """An event as a station forwarded it: metadata, features (float32 bytes) and, optionally, raw samples."""
-
-    station: str
-    sensor: str
-    seq: int
-    t0_ns: int
-    fs: float
-    dtype: str
-    channels: int
-    n_samples: int
-    label: str
-    meta: dict[str, Any]
-    features: bytes
-    raw: bytes | None
+from daemon.protocol import Pooled, Quarantined
 
 
 class NetworkTables:
@@ -41,7 +21,7 @@ class NetworkTables:
     def _tx(self) -> AbstractContextManager[None]:
         raise NotImplementedError  # Store's
 
-    # ---- the network (daemon.network): the station's outbox, the centre's pooled events ----------------------
+    # ---- the network (daemon.net.link): the station's outbox, the centre's pooled events ----------------------
     def ingest_pooled(self, events: list[Pooled], rejects: list[Quarantined]) -> list[int]:
         """Store events forwarded by stations, with their features, and malformed messages, in one transaction;
         return event IDs (−1: that (station, sensor, seq) is stored already, a redelivery)."""

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import zmq
 
-from daemon.datasets import Recordings
+from daemon.data.datasets import Recordings
+from daemon.ops.security import secure_client
 from daemon.protocol import Event, decode_ack, encode_ingest
-from daemon.security import secure_client
 
 DTYPE_NAMES = {np.dtype(n): n for n in ("int16", "uint16", "int32", "float32", "float64")}
 

@@ -1,0 +1,5 @@
+"""``python -m daemon.cli``: the ``wingbeat`` command."""
+
+from daemon.cli.main import main
+
+main()
