@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/wingbeat demo
 
 # What the integration tests run for real beside the daemon: Prometheus and promtool (Debian's package),
-# systemd-analyze, and nats-server (with JetStream and MQTT, for tests/test_network.py). Installed when missing (as
-# root, or with sudo).
+# systemd-analyze, nats-server (with JetStream and MQTT, for tests/test_network.py), and chromium (the report opened
+# in a real browser, tests/test_report.py). Installed when missing (as root, or with sudo).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 test-deps:
@@ -28,6 +28,7 @@ test-deps:
 	@command -v systemd-analyze >/dev/null || $(APT) systemd
 	@command -v nats-server >/dev/null || test -x /usr/sbin/nats-server || \
 	  $(APT) nats-server || { $(SUDO) apt-get update -q && $(APT) nats-server; }
+	@command -v chromium >/dev/null || $(APT) chromium || { $(SUDO) apt-get update -q && $(APT) chromium; }
 
 test: $(STAMP) test-deps
 	$(BIN)/ruff check model daemon tests bench
