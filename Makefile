@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA := ../shared/data
 
-.PHONY: demo test test-deps faults test-fast lint bench headtohead ceiling clean install uninstall
+.PHONY: demo test test-deps faults test-fast lint bench throughput headtohead ceiling clean install uninstall
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/train_speed.py
 
+# The daemon's acked events/s and send → publish latency (also while a CPU training runs), beside an earlier build
+# (BASELINE, a git revision, extracted with git archive) in the same run, rounds interleaved: docs/RESULTS.md
+BASELINE ?= 8868303
+throughput: $(STAMP)
+	$(BIN)/python bench/throughput.py --baseline $(BASELINE) --rounds 2
+
 # The quality protocol (docs/RESULTS.md): 5 seeds of paper, semi-supervised, simulated and UCR runs, two at a time
 headtohead: $(STAMP)
 	mkdir -p out
@@ -60,6 +66,12 @@ headtohead: $(STAMP)
 # What methods given more than Wingbeat (K, true labels, perfect starts) reach on the paper data: the targets' scale
 ceiling: $(STAMP)
 	$(BIN)/python bench/ceiling.py
+
+# Counting species on simulated deployments (seeds no choice looked at): daily and overall Hill numbers against the
+# truth, the daemon's first model and a user's training beside PCA+GMM baselines; latents cached in out/
+diversity: $(STAMP)
+	mkdir -p out
+	$(BIN)/python bench/diversity.py --json out/diversity.jsonl
 
 clean:
 	rm -rf $(VENV) out

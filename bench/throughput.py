@@ -1,16 +1,27 @@
-"""Daemon throughput and latency, with the sender in its own process; the featurise-only loop as the ceiling.
+"""Daemon throughput and latency against an earlier build, both measured in this run, rounds interleaved.
 
-    python bench/throughput.py [--events 4000] [--rate 500] [--long 0]
+    python bench/throughput.py [--events 4000] [--rate 500] [--rounds 2] [--baseline REV | --baseline none]
 
-1. featurise-only: ``featurise_events`` over the same events in batches of 256, one thread (the ceiling);
-2. sustained: a sender process pushes every event as fast as acks allow (``--window`` unacked events in
-   flight, 2048 by default); acked events/s;
-3. latency at a fixed rate: send → publish, measured by a subscriber here against the send time stamped in
-   ``t0_ns`` by the sender (same clock); p50 / p99;
-4. the same two while a training runs in the background (on the CPU, resting to ``training.cpu_share`` of a core:
-   ``--trainer-share 1`` lets it take every idle cycle);
-5. ``--long N``: N more events, RSS of the daemon at start and end.
-Events: 2 channels, int16, 0.1–0.5 s at 20.8 kHz, from the simulator. Prints figures and ratios.
+The machine's load moves between minutes (a shared VM can swing ±20 % or more), so a figure alone says little;
+the ratio to the earlier build, measured in the same minutes, says what a change did. ``--baseline REV`` (default
+``8868303``, the build before the package layout) is extracted with ``git archive`` into a temporary directory
+(nothing in this checkout or its ``.git`` changes) and its daemon runs from there (``python -m daemon.cli run``,
+that tree first on ``sys.path``) with this interpreter, the same model, configuration, events and sender.
+
+Each round starts a fresh daemon of each build (the order alternates from round to round) and measures:
+
+1. sustained: a sender process pushes every event as fast as acks allow (``--window`` unacked events in flight,
+   2048 by default); acked durable events/s (acked only after the commit, ``synchronous=FULL``);
+2. latency at a fixed rate (``--rate``): send → publish, measured by a subscriber here against the send time the
+   sender stamps in ``t0_ns`` (same clock); p50 / p99;
+3. the same latency while a full retrain runs on the CPU in the background (the trainer resting to
+   ``training.cpu_share`` of a core; ``--trainer-share 1`` lets it take every idle cycle), then sustained events/s
+   while it still runs.
+
+Before the rounds, the featurise-only loop (``featurise_events`` over the same events in batches of 256, one
+thread) as the ceiling of one core. ``--long N``: after the rounds, N more events into this build's daemon, its
+RSS at start and end. Events: 2 channels, int16, 0.1–0.5 s at 20.8 kHz, from the simulator. The sender is this
+build's ``wingbeat replay`` for both builds (the wire format is the same).
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +43,7 @@ import numpy as np
 import zmq
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINER_SHARE = 0.0  # --trainer-share: training.cpu_share of the daemon under test (0 = its default)
+BASELINE = "8868303"  # the build before daemon/ moved into subpackages
 sys.path.insert(0, str(ROOT))
 
 from daemon.data.datasets import read_recordings
@@ -41,7 +54,6 @@ import sys, time, json
 sys.path.insert(0, sys.argv[1])
 from daemon.cli.clients import events_of, replay
 from daemon.data.datasets import read_recordings
-from daemon.protocol import Event
 from pathlib import Path
 rec = read_recordings(Path(sys.argv[2]))
 endpoint, rate, sensor, start, repeat = sys.argv[3], float(sys.argv[4]), sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
@@ -57,13 +69,100 @@ print(json.dumps(res.to_dict()))
 """
 
 
-WINDOW = 2048  # events in flight per sender (--window)
+class Bench:
+    """Settings of one run and the helpers that drive the sender, the subscriber and the daemons."""
 
+    def __init__(self, args: argparse.Namespace, work: Path, data: Path, model: Path) -> None:
+        self.args, self.work, self.data, self.model = args, work, data, model
 
-def send(data: Path, endpoint: str, rate: float, sensor: str, start: int, repeat: int = 1) -> subprocess.Popen[str]:
-    args = [sys.executable, "-c", SENDER, str(ROOT), str(data), endpoint, str(rate), sensor, str(start), str(repeat)]
-    args.append(str(WINDOW))
-    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    def send(self, endpoint: str, rate: float, sensor: str, repeat: int = 1) -> subprocess.Popen[str]:
+        root = str(self.work / "current-tree")  # this build's sender, from the snapshot
+        args = [sys.executable, "-c", SENDER, root, str(self.data), endpoint, str(rate), sensor, "0", str(repeat)]
+        return subprocess.Popen([*args, str(self.args.window)], stdout=subprocess.PIPE, text=True)
+
+    def sustained(self, eps: dict, sensor: str) -> float:
+        res = finish(self.send(eps["ingest"], 0, sensor))
+        if res["acked"] < self.args.events:
+            print(f"  ({res['acked']} of {self.args.events} acked)")
+        return float(res["events_per_s"])
+
+    def latency(self, eps: dict, sensor: str) -> np.ndarray:
+        """Seconds from send to publish of every output of ``--events`` events sent at ``--rate``."""
+        n, rate = self.args.events, self.args.rate
+        sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, f"cluster.{sensor}".encode())
+        sub.connect(eps["publish"])
+        time.sleep(0.5)
+        p = self.send(eps["ingest"], rate, sensor)
+        lat: list[float] = []
+        deadline = time.monotonic() + n / max(rate, 1) + 120
+        while len(lat) < n and time.monotonic() < deadline:
+            if sub.poll(1000):
+                now = time.time_ns()
+                body = json.loads(sub.recv_multipart()[1])
+                lat.append((now - body["t0_ns"]) / 1e9)
+        sub.close(linger=0)
+        res = finish(p)
+        if len(lat) < n or res["acked"] < n:
+            print(f"  (only {len(lat)} outputs and {res['acked']} acks of {n} at the fixed rate)")
+        return np.array(lat)
+
+    def start_daemon(self, name: str, tree: Path) -> tuple[subprocess.Popen[bytes], dict]:
+        """A daemon of the build in ``tree`` serving the bench's model, on a fresh state directory."""
+        conf = self.work / f"{name}.toml"
+        share = self.args.trainer_share
+        conf.write_text(
+            '[ingest]\nendpoint = "tcp://127.0.0.1:0"\n[publish]\nendpoint = "tcp://127.0.0.1:0"\n'
+            '[metrics]\nlisten = "127.0.0.1:0"\n[store]\nraw_max_bytes = 268435456\n'
+            "[training]\nfinetune_every_events = 100000000\nfull_every_events = 100000000\nfinetune_every_s = 0.0\n"
+            "epochs_full = 300\n" + (f"cpu_share = {share}\n" if share else "")
+        )
+        state = self.work / f"{name}-state"
+        log = open(self.work / f"{name}.log", "w")
+        cmd = [sys.executable, "-m", "daemon.cli", "run", "--config", str(conf), "--state", str(state)]
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        daemon = subprocess.Popen(
+            [*cmd, "--model", str(self.model)], stdout=log, stderr=subprocess.STDOUT, cwd=tree, env=env
+        )
+        deadline = time.monotonic() + 90
+        while not (state / "endpoints.json").exists() and time.monotonic() < deadline:
+            if daemon.poll() is not None:
+                raise SystemExit(f"the daemon exited with {daemon.returncode}; see {self.work / f'{name}.log'}")
+            time.sleep(0.2)
+        return daemon, json.loads((state / "endpoints.json").read_text())
+
+    def measure(self, name: str, tree: Path) -> dict[str, float]:
+        """One round of one build: sustained, latency, and both again while a training runs."""
+        daemon, eps = self.start_daemon(name, tree)
+        try:
+            out = {"sustained": self.sustained(eps, "max")}
+            lat = self.latency(eps, "fixed")
+            out |= {"p50": ms(lat, 50), "p99": ms(lat, 99)}
+            (self.work / f"{name}-state" / "retrain-request").touch()
+            if not wait_for_child(daemon.pid, 30):
+                print(f"  ({name}: no trainer process started)")
+            time.sleep(4)  # the trainer imports torch and reads the store before its first epoch
+            lat = self.latency(eps, "fixed-train")
+            out |= {"p50_train": ms(lat, 50), "p99_train": ms(lat, 99)}
+            out["sustained_train"] = self.sustained(eps, "max-train")
+            if not children(daemon.pid):
+                print(f"  ({name}: the training ended before the last measurement did; raise epochs_full)")
+            if self.args.long and name.startswith("current") and name.endswith("-0"):
+                self.long_run(daemon, eps)
+        finally:
+            daemon.terminate()
+            daemon.wait(60)
+        return out
+
+    def long_run(self, daemon: subprocess.Popen[bytes], eps: dict) -> None:
+        rss0 = rss_mib(daemon.pid)
+        t = time.monotonic()
+        repeat = max(1, self.args.long // self.args.events)
+        res = finish(self.send(eps["ingest"], 0, "long", repeat=repeat), 3600)
+        print(
+            f"long replay: {res['acked']} events in {time.monotonic() - t:.0f} s; daemon RSS before "
+            f"{rss0:.0f} MiB, after {rss_mib(daemon.pid):.0f} MiB"
+        )
 
 
 def finish(p: subprocess.Popen[str], timeout: float = 900) -> dict:
@@ -71,8 +170,27 @@ def finish(p: subprocess.Popen[str], timeout: float = 900) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def wingbeat(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "daemon.cli", *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+def wingbeat(tree: Path, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args], check=True, cwd=tree, env=env, stdout=subprocess.DEVNULL
+    )
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def wait_for_child(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if children(pid):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def rss_mib(pid: int) -> float:
@@ -82,163 +200,112 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def latency_run(data: Path, eps: dict, rate: float, sensor: str, n: int) -> tuple[dict, np.ndarray]:
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, f"cluster.{sensor}".encode())
-    sub.connect(eps["publish"])
-    time.sleep(0.5)
-    p = send(data, eps["ingest"], rate, sensor, 0)
-    lat = []
-    deadline = time.monotonic() + n / max(rate, 1) + 120
-    while len(lat) < n and time.monotonic() < deadline:
-        if sub.poll(1000):
-            now = time.time_ns()
-            body = json.loads(sub.recv_multipart()[1])
-            lat.append((now - body["t0_ns"]) / 1e9)
-    sub.close(linger=0)
-    return finish(p), np.array(lat)
-
-
-def start_daemon(work: Path, name: str, model: Path, threads: int | None) -> tuple[subprocess.Popen[bytes], dict]:
-    """A daemon serving ``model``; ``threads``: ingest.featurise_threads (None = the default)."""
-    conf = work / f"{name}.toml"
-    conf.write_text(
-        '[ingest]\nendpoint = "tcp://127.0.0.1:0"\n'
-        + ("" if threads is None else f"featurise_threads = {threads}\n")
-        + '[publish]\nendpoint = "tcp://127.0.0.1:0"\n'
-        '[metrics]\nlisten = "127.0.0.1:0"\n[store]\nraw_max_bytes = 268435456\n'
-        "[training]\nfinetune_every_events = 100000000\nfull_every_events = 100000000\nfinetune_every_s = 0.0\n"
-        "epochs_full = 300\n" + (f"cpu_share = {TRAINER_SHARE}\n" if TRAINER_SHARE else "")
-    )
-    state = work / f"{name}-state"
-    log = open(work / f"{name}.log", "w")
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daemon.cli",
-            "run",
-            "--config",
-            str(conf),
-            "--state",
-            str(state),
-            "--model",
-            str(model),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-    deadline = time.monotonic() + 60
-    while not (state / "endpoints.json").exists() and time.monotonic() < deadline:
-        if daemon.poll() is not None:
-            raise SystemExit(f"the daemon exited with {daemon.returncode}; see {work / f'{name}.log'}")
-        time.sleep(0.2)
-    return daemon, json.loads((state / "endpoints.json").read_text())
-
-
-def stop_daemon(daemon: subprocess.Popen[bytes]) -> None:
-    daemon.terminate()
-    daemon.wait(60)
-
-
-def sustained_and_latency(data: Path, eps: dict, rate: float, n: int, tag: str) -> tuple[dict, np.ndarray]:
-    res = finish(send(data, eps["ingest"], 0, f"max{tag}", 0))
-    res_lat, lat = latency_run(data, eps, rate, f"fixed{tag}", n)
-    if len(lat) < n or res_lat["acked"] < n:
-        print(f"  (only {len(lat)} outputs and {res_lat['acked']} acks of {n} at the fixed rate)")
-    return res, lat
-
-
 def ms(lat: np.ndarray, q: float) -> float:
-    return float(np.percentile(lat, q) * 1e3)
+    return float(np.percentile(lat, q) * 1e3) if len(lat) else float("nan")
+
+
+def snapshot(into: Path) -> Path:
+    """This checkout's files as they are now (tracked and untracked, not ignored) in ``into``: every round then runs
+    the same code, whatever is edited in the checkout meanwhile."""
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        src = ROOT / name
+        if src.is_file():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, into / name)
+    print(f"current: this checkout copied to {into}")
+    return into
+
+
+def extract(rev: str, into: Path) -> Path:
+    """The tree of ``rev`` in ``into`` (``git archive``: reads the repository, writes nothing in it)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    print(f"baseline: {rev} ({commit}) extracted to {into}")
+    return into
+
+
+FIGURES = (
+    ("sustained", "sustained acked durable events/s", "{:8.0f}", True),
+    ("p50", "p50 latency at the fixed rate, ms", "{:8.1f}", False),
+    ("p99", "p99 latency at the fixed rate, ms", "{:8.1f}", False),
+    ("p50_train", "p50 latency while training, ms", "{:8.1f}", False),
+    ("p99_train", "p99 latency while training, ms", "{:8.1f}", False),
+    ("sustained_train", "sustained while training, events/s", "{:8.0f}", True),
+)
+
+
+def report(runs: dict[str, list[dict[str, float]]]) -> None:
+    """Per round, then the medians and the ratio current / baseline (>1 is better for every row)."""
+    names = list(runs)
+    print(f"\n{'figure':38s}" + "".join(f"{n:>24s}" for n in names) + ("     better by" if len(names) == 2 else ""))
+    for key, label, fmt, higher in FIGURES:
+        med = [statistics.median(r[key] for r in runs[n]) for n in names]
+        cells = ""
+        for n, m in zip(names, med, strict=True):
+            each = "/".join(fmt.format(r[key]).strip() for r in runs[n])
+            cells += f"{fmt.format(m)} ({each})".rjust(24)
+        ratio = ""
+        if len(names) == 2 and med[0] > 0 and med[1] > 0:
+            ratio = f"   {(med[0] / med[1] if higher else med[1] / med[0]):6.2f}×"
+        print(f"{label:38s}{cells}{ratio}")
+    print("(median of the rounds, each round's figure in brackets; 'better by': current over baseline, ×)")
 
 
 def main() -> None:
-    global WINDOW
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=4000)
     ap.add_argument("--rate", type=float, default=500.0)
-    ap.add_argument("--window", type=int, default=WINDOW, help="unacked events in flight per sender")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of each build, interleaved")
+    ap.add_argument("--baseline", default=BASELINE, help="git revision to compare with ('none': this build only)")
+    ap.add_argument("--window", type=int, default=2048, help="unacked events in flight per sender")
     ap.add_argument("--long", type=int, default=0, help="events of the memory run (0 = skip)")
-    ap.add_argument("--trainer-share", type=float, default=0.0, help="training.cpu_share (0 = the default)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (stores, logs: about 1 GB)")
+    ap.add_argument("--trainer-share", type=float, default=0.0, help="training.cpu_share (0 = each build's default)")
     args = ap.parse_args()
-    global TRAINER_SHARE
-    TRAINER_SHARE = args.trainer_share
-    WINDOW = args.window
     work = Path(tempfile.mkdtemp(prefix="wingbeat-bench-"))
+    builds = {"current": snapshot(work / "current-tree")}
+    if args.baseline != "none":
+        builds["baseline"] = extract(args.baseline, work / "baseline-tree")
     data = work / "events.npz"
-    wingbeat("simulate", "--out", str(data), "--events", str(args.events), "--species", "6", "--seed", "3")
+    wingbeat(
+        builds["current"], "simulate", "--out", str(data), "--events", str(args.events), "--species", "6", "--seed", "3"
+    )
     rec = read_recordings(data)
     events = [rec.event(i) for i in range(len(rec))]
     mean_s = np.mean([e.shape[1] for e in events]) / rec.fs[0]
-    print(f"{len(events)} events, 2 × int16, mean {mean_s:.2f} s at {rec.fs[0]:g} Hz; sender window {WINDOW}")
-
-    # 1. the ceiling
-    cfg = FeatureConfig()
+    print(f"{len(events)} events, 2 × int16, mean {mean_s:.2f} s at {rec.fs[0]:g} Hz; sender window {args.window}")
     t = time.perf_counter()
     for i in range(0, len(events), 256):
-        featurise_events(events[i : i + 256], rec.fs[i : i + 256], cfg)
-    ceiling = len(events) / (time.perf_counter() - t)
-    print(f"featurise-only loop (1 thread):          {ceiling:8.0f} events/s")
+        featurise_events(events[i : i + 256], rec.fs[i : i + 256], FeatureConfig())
+    print(f"featurise-only loop (1 thread): {len(events) / (time.perf_counter() - t):.0f} events/s")
+    model = work / "model"  # a model, so that every event is published
+    wingbeat(builds["current"], "train", str(data), "--out", str(model), "--epochs", "20")
 
-    # a model, so that every event is published
-    model = work / "model"
-    wingbeat("train", str(data), "--out", str(model), "--epochs", "20")
-
-    # the baseline in the same run: one thread does everything (ingest.featurise_threads = 0)
-    daemon, eps = start_daemon(work, "serial", model, threads=0)
+    bench = Bench(args, work, data, model)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in builds}
+    order = list(builds)
     try:
-        base, base_lat = sustained_and_latency(data, eps, args.rate, len(events), "")
+        for r in range(args.rounds):
+            for name in order if r % 2 == 0 else order[::-1]:
+                got = bench.measure(f"{name}-{r}", builds[name])
+                runs[name].append(got)
+                print(f"round {r} {name:8s} " + "  ".join(f"{k} {v:.1f}" for k, v in got.items()), flush=True)
     finally:
-        stop_daemon(daemon)
-
-    daemon, eps = start_daemon(work, "daemon", model, threads=None)
-    try:
-        rss0 = rss_mib(daemon.pid)
-        # 2. and 3. sustained, and latency at a fixed rate
-        res, lat = sustained_and_latency(data, eps, args.rate, len(events), "")
-        print(
-            f"sustained acked durable events/s:        {res['events_per_s']:8.0f}   "
-            f"({res['events_per_s'] / ceiling:.2f} × the featurise-only ceiling; {res['acked']} acked, "
-            f"{res['resent']} resent)"
-        )
-        print(
-            f"  the same, one-thread loop (baseline):  {base['events_per_s']:8.0f}   "
-            f"(featurise threads / baseline: {res['events_per_s'] / base['events_per_s']:.2f}×)"
-        )
-        print(
-            f"latency at {args.rate:.0f} events/s (send → publish):  p50 {ms(lat, 50):6.1f} ms   "
-            f"p99 {ms(lat, 99):6.1f} ms   ({len(lat)} outputs, {res['acked']} acked)"
-        )
-        print(
-            f"  the same, one-thread loop (baseline):  p50 {ms(base_lat, 50):6.1f} ms   p99 {ms(base_lat, 99):6.1f} ms"
-        )
-
-        # 4. while a training runs
-        state = work / "daemon-state"
-        (state / "retrain-request").touch()
-        time.sleep(4)
-        res = finish(send(data, eps["ingest"], 0, "max-train", 0))
-        print(f"sustained while training:                {res['events_per_s']:8.0f}   events/s")
-        res, lat = latency_run(data, eps, args.rate, "fixed-train", len(events))
-        print(
-            f"latency at {args.rate:.0f} events/s while training:     p50 {ms(lat, 50):6.1f} ms   "
-            f"p99 {ms(lat, 99):6.1f} ms"
-        )
-
-        # 5. memory over a long replay
-        if args.long:
-            rss1 = rss_mib(daemon.pid)
-            t = time.monotonic()
-            res = finish(send(data, eps["ingest"], 0, "long", 0, repeat=max(1, args.long // len(events))), 3600)
-            print(
-                f"long replay: {res['acked']} events in {time.monotonic() - t:.0f} s; daemon RSS at start "
-                f"{rss0:.0f} MiB, before the long replay {rss1:.0f} MiB, after {rss_mib(daemon.pid):.0f} MiB"
-            )
-    finally:
-        stop_daemon(daemon)
-    print(f"(work directory: {work})")
+        if any(runs.values()):
+            report({n: v for n, v in runs.items() if v})
+    if args.keep:
+        print(f"(work directory: {work})")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

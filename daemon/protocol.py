@@ -23,6 +23,10 @@ HEADER_KEYS = {"v", "sensor", "seq", "t0_ns", "fs", "dtype", "shape", "label", "
 MAX_HEADER_BYTES = 16_384
 MAX_META_BYTES = 4_096
 MAX_LABEL_CHARS = 128
+MAX_STRING_CHARS = 4_096  # any string in a header (a key or a value)
+MAX_DEPTH = 16  # nesting of JSON objects and arrays in a header, the header itself being depth 1
+INT_BOUND = 2**63  # every integer in a header is in [-2^63, 2^63): what SQLite stores
+REFUSED = -2  # the event ID the store gives an event it could not hold (and quarantined): ack it as rejected
 
 # Every reason a message can be refused for; metrics and quarantine use exactly these names.
 REASONS = (
@@ -40,6 +44,9 @@ REASONS = (
     "oversize",  # message above the size cap (refused by ZeroMQ on the socket, or counted here)
     "duplicate",  # (sensor, seq) already stored
     "featurise",  # decodable, but no spectrum can be made (constant signal, sample rate below the grid …)
+    "encoding",  # a string in the header is not encodable UTF-8 (a lone surrogate) or is too long
+    "nesting",  # the header's JSON nests deeper than MAX_DEPTH
+    "store",  # decoded, but the store could not hold it (quarantined by the store, acked as rejected)
 )
 
 
@@ -79,6 +86,44 @@ def _int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def json_problem(value: Any, max_depth: int = MAX_DEPTH, max_chars: int = MAX_STRING_CHARS) -> tuple[str, str] | None:
+    """(reason, detail) of the first thing in a parsed JSON value that a store or a peer could not take, or None.
+
+    Strings (keys too) must encode as UTF-8 (``json`` accepts lone surrogates such as ``"\\ud800"``, which SQLite
+    and every encoder then refuse) and hold at most ``max_chars`` characters; integers lie in [-2^63, 2^63);
+    floats are finite (``json`` reads ``NaN`` and ``1e999``); objects and arrays nest at most ``max_depth`` deep.
+    Walked with an explicit stack: no input can exhaust the interpreter's recursion limit here."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            if len(v) > max_chars:
+                return "encoding", f"a string of {len(v)} characters (max {max_chars})"
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return "encoding", f"a string is not encodable UTF-8: {e.reason} at {e.start}: {v[:40]!r}"[:200]
+        elif isinstance(v, bool) or v is None:
+            continue
+        elif isinstance(v, int):
+            if not -INT_BOUND <= v < INT_BOUND:
+                return "header", f"an integer outside [-2^63, 2^63) ({len(str(abs(v)))} digits)"
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                return "header", f"a non-finite number {v!r}"
+        elif isinstance(v, dict | list):
+            if depth > max_depth:
+                return "nesting", f"JSON nested deeper than {max_depth}"
+            if isinstance(v, dict):
+                stack.extend((k, depth) for k in v)
+                stack.extend((x, depth + 1) for x in v.values())
+            else:
+                stack.extend((x, depth + 1) for x in v)
+        else:
+            return "header", f"a value of type {type(v).__name__}"
+    return None
+
+
 def decode_ingest(frames: list[bytes], limits: Limits = Limits()) -> Event | Reject:
     """Decode one ingest message; never raises on any input."""
     if sum(len(f) for f in frames) > limits.max_message_bytes:
@@ -90,7 +135,7 @@ def decode_ingest(frames: list[bytes], limits: Limits = Limits()) -> Event | Rej
         return Reject("header", f"header is {len(raw_header)} bytes (max {MAX_HEADER_BYTES})")
     try:
         header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also an integer of > 4300 digits
         return Reject("json", f"header is not UTF-8 JSON: {str(e)[:80]}")
     if not isinstance(header, dict):
         return Reject("json", f"header is a JSON {type(header).__name__}, not an object")
@@ -101,6 +146,10 @@ def decode_ingest(frames: list[bytes], limits: Limits = Limits()) -> Event | Rej
 
     def rej(reason: str, detail: str) -> Reject:
         return Reject(reason, detail, s_ok, q_ok)
+
+    problem = json_problem(header)
+    if problem is not None:
+        return rej(*problem)
 
     if header.get("v") != VERSION or isinstance(header.get("v"), bool):
         return rej("version", f"v must be {VERSION}, got {header.get('v')!r}"[:120])
@@ -120,7 +169,7 @@ def decode_ingest(frames: list[bytes], limits: Limits = Limits()) -> Event | Rej
     t0, fs = header.get("t0_ns"), header.get("fs")
     if not (_int(t0) and 0 <= t0 < 2**63):
         return rej("header", "t0_ns must be an integer ns since the Unix epoch")
-    if not (isinstance(fs, int | float) and not isinstance(fs, bool) and math.isfinite(fs) and 0 < fs <= 1e7):
+    if not (isinstance(fs, int | float) and not isinstance(fs, bool) and 0 < fs <= 1e7 and math.isfinite(fs)):
         return rej("header", f"fs must be a number in (0, 1e7] Hz, got {fs!r}"[:120])
     label = header.get("label", "")
     if not isinstance(label, str) or len(label) > MAX_LABEL_CHARS:
@@ -270,6 +319,7 @@ class Settled:
     stored: list[tuple[Received, Event, int]]  # newly stored events with their IDs
     acks: list[Ack]  # every ack of the batch
     outputs: list[Output]  # outputs stored with the batch, with their event IDs
+    refused: list[tuple[Received, Reject]] = field(default_factory=list)  # decoded, but the store refused them
 
 
 @dataclass(frozen=True)

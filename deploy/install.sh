@@ -89,6 +89,7 @@ tar -C "$SRC" --exclude=./.venv --exclude=./.git --exclude=./build --exclude=./o
 "$VENV/bin/python" -m pip install -q --upgrade --upgrade-strategy only-if-needed "$BUILD"
 mkdir -p "$DESTDIR$PREFIX/doc"
 cp "$SRC/docs/operations.md" "$DESTDIR$PREFIX/doc/operations.md"
+cp "$SRC/docs/files.md" "$DESTDIR$PREFIX/doc/files.md"
 say "installed wingbeat $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("wingbeat"))') into $VENV"
 
 # ---- config: written once, never overwritten ----------------------------------------------------------------
@@ -120,6 +121,12 @@ sed -e "s|/opt/wingbeat/venv/|$PREFIX/venv/|g" -e "s|/opt/wingbeat/doc/|$PREFIX/
 chmod 0644 "$UNIT_DIR/.wingbeat.service.new"
 mv "$UNIT_DIR/.wingbeat.service.new" "$UNIT_DIR/wingbeat.service"
 say "installed $UNIT_DIR/wingbeat.service"
+# The file sender's template (docs/files.md): installed, never enabled here; one instance per recorder.
+sed -e "s|/opt/wingbeat/venv/|$PREFIX/venv/|g" -e "s|/opt/wingbeat/doc/|$PREFIX/doc/|g" \
+    "$SRC/systemd/wingbeat-watch@.service" >"$UNIT_DIR/.wingbeat-watch@.service.new"
+chmod 0644 "$UNIT_DIR/.wingbeat-watch@.service.new"
+mv "$UNIT_DIR/.wingbeat-watch@.service.new" "$UNIT_DIR/wingbeat-watch@.service"
+say "installed $UNIT_DIR/wingbeat-watch@.service (per recorder: systemctl enable --now wingbeat-watch@NAME)"
 
 # ---- systemd ------------------------------------------------------------------------------------------------
 if [ -n "$NO_SYSTEMCTL" ]; then

@@ -48,8 +48,14 @@ if systemd_runs; then
     systemctl disable --now wingbeat.service 2>/dev/null || true  # stops it: SIGTERM drains, exit 0
     say "stopped and disabled wingbeat.service"
 fi
+if systemd_runs; then  # every file sender (wingbeat-watch@NAME): their journals stay in /var/lib/wingbeat-watch
+    systemctl disable --now 'wingbeat-watch@*.service' 2>/dev/null || true
+fi
 rm -f "$UNIT"
 rm -rf "${UNIT}.d"  # drop-ins (`systemctl edit wingbeat`) belong to the unit
+WATCH_UNIT=$DESTDIR/etc/systemd/system/wingbeat-watch@.service
+rm -f "$WATCH_UNIT"
+rm -rf "${WATCH_UNIT}.d"
 if systemd_runs; then
     systemctl daemon-reload
     systemctl reset-failed wingbeat.service 2>/dev/null || true
@@ -60,7 +66,8 @@ rmdir "$DESTDIR$PREFIX" 2>/dev/null || true
 say "removed the unit and $PREFIX/venv"
 
 if [ -n "$PURGE" ]; then
-    rm -rf "$DESTDIR/var/lib/wingbeat" "$DESTDIR/etc/wingbeat" "$DESTDIR/var/cache/wingbeat"
+    rm -rf "$DESTDIR/var/lib/wingbeat" "$DESTDIR/etc/wingbeat" "$DESTDIR/var/cache/wingbeat" \
+        "$DESTDIR/var/lib/wingbeat-watch"
     if [ -z "$NO_USER" ] && getent passwd wingbeat >/dev/null; then
         userdel wingbeat
         getent group wingbeat >/dev/null && groupdel wingbeat

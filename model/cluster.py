@@ -21,6 +21,7 @@ nothing but those arrays.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -30,18 +31,23 @@ import scipy.spatial.distance
 import sklearn.metrics
 from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
 
+from model.kchoice import PRESENT_FLOOR, PRESENT_SHARE, present_min, split_further, ward_cut
 from model.mixture import NOVEL, Assignment, LatentClusterer
 
 __all__ = [
     "NOVEL",
+    "PRESENT_FLOOR",
+    "PRESENT_SHARE",
     "Assignment",
     "ClusterConfig",
     "LatentClusterer",
     "align_ids",
+    "cluster_quality",
     "dp_mixture",
     "fit_clusterer",
     "merge_by_labels",
     "most_agreeing",
+    "present_min",
 ]
 
 METHODS = ("ward", "dp", "bic")
@@ -58,6 +64,11 @@ class ClusterConfig:
     dp_inits: tuple[str, ...] = ("kmeans", "k-means++", "random_from_data")  # dp: kinds of start
     dp_combine: str = "consensus"  # dp: "consensus" of all fits (see _dp_consensus) or "best_bound"
     dp_restarts: int = 3  # dp consensus: fits per kind of start
+    # ward: cut at the largest K whose mean silhouette is within this of the highest (0 = the highest)
+    silhouette_tolerance: float = 0.0
+    # ward: each group of the cut is split again while its own best cut scores at least this mean silhouette
+    # (0 = one cut only; ``_split_further``)
+    split_silhouette: float = 0.0
     ward_events: int = 4000  # ward: the subsample clustered (Ward's memory and the silhouette grow with its square)
     consensus_events: int = 2000  # dp consensus: subsample on which the fits' agreement is measured
     consensus_cut: float = 0.5  # dp consensus: events together when at least this fraction of fits agree
@@ -199,21 +210,26 @@ def _ward_silhouette(
     centre, scale = sub.mean(axis=0), sub.std(axis=0)
     scale = np.where(scale > 0, scale, 1.0)
     z = (sub - centre) / scale
-    top = min(k_max, len(z) - 1)
-    lab = np.zeros(len(z), np.int64)
-    if top >= 2:
-        link = scipy.cluster.hierarchy.linkage(z, "ward")
-        dist = sklearn.metrics.pairwise_distances(z)  # (n, n), once for every cut's silhouette
-        best = -np.inf
-        for k in range(2, top + 1):
-            cut = scipy.cluster.hierarchy.fcluster(link, k, "maxclust") - 1
-            if len(np.unique(cut)) < 2:
-                continue
-            score = float(sklearn.metrics.silhouette_score(dist, cut, metric="precomputed"))
-            if score > best:
-                best, lab = score, cut
+    lab, _ = ward_cut(z, k_max, cfg.silhouette_tolerance)
+    if cfg.split_silhouette > 0:
+        min_size = max(z.shape[1] + 2, math.ceil(cfg.min_cluster_fraction * len(z)))  # _model_groups' floor
+        lab = split_further(z, lab, k_max, cfg.split_silhouette, min_size)
     weights, means, covariances, groups = _model_groups(z, lab, cfg)
     return weights, centre + means * scale, covariances * np.outer(scale, scale)[None], groups
+
+
+def cluster_quality(mu: np.ndarray, cfg: ClusterConfig) -> float:
+    """How well ``mu`` (events, latent) falls into groups, without labels: the mean silhouette of the Ward cut
+    ``"ward"`` would choose, on the standardised latent of a seeded subsample of ``cfg.ward_events``.
+
+    Comparable across latents of different trainings or epochs (the silhouette has no units); higher is better.
+    """
+    x = np.asarray(mu, dtype=np.float64)
+    rng = np.random.default_rng(cfg.seed)
+    sub = x if len(x) <= cfg.ward_events else x[rng.choice(len(x), cfg.ward_events, replace=False)]
+    scale = sub.std(axis=0)
+    z = (sub - sub.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
+    return ward_cut(z, cfg.k_max)[1]
 
 
 def _model_groups(

@@ -15,7 +15,7 @@ from model import losses
 from model.beta import BetaConfig, BetaSchedule, GammaConfig
 from model.vae import VAE
 
-SELECT = ("best", "last")
+SELECT = ("best", "last", "cluster")
 MIN_STEPS = 15_000  # `wingbeat train`'s floor: 1000 epochs of ~15 steps, what the batch rule gives 500–4,000 events
 SMALL_SET = 500  # `wingbeat train` trains sets smaller than this ``SMALL_RESTARTS`` times (``restarts_for``)
 SMALL_RESTARTS = 3
@@ -28,7 +28,8 @@ class TrainingDiverged(RuntimeError):
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train. ``select="best"`` keeps the epoch with the best held-out score (see ``selection_score``);
-    ``"last"`` keeps the final epoch, as the paper's code does."""
+    ``"last"`` keeps the final epoch, as the paper's code does; ``"cluster"`` keeps the candidate epoch whose
+    latent of the training events falls into groups best, without labels (``_cluster_score``)."""
 
     epochs: int = 1000
     batch_size: int = 256
@@ -50,6 +51,9 @@ class TrainConfig:
     # 22 held out the held-out ELBO picked epochs 26–313 of 1000 on four of five seeds (ARI 0.17 against 0.28 for
     # the last epoch); with 55 it picked 655–963 and did better than the last (0.377 against 0.364; docs/RESULTS.md).
     select_min_held_out: int = 50
+    # ``select="cluster"``: epochs between the candidates (after warm-up, and the last epoch) whose latent of the
+    # training events is scored by ``model.cluster.cluster_quality``
+    select_every: int = 10
     # Trainings from as many seeds (``restart_seeds``); the one whose clusters agree best with the others' is kept
     # (``model.build``). 1 = one training, as the paper's code does.
     restarts: int = 1
@@ -67,6 +71,8 @@ class TrainConfig:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
         if not (0 <= self.val_fraction < 0.5):
             raise ValueError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+        if self.select_every < 1:
+            raise ValueError(f"select_every must be >= 1, got {self.select_every}")
         if self.select not in SELECT:
             raise ValueError(f"select must be one of {SELECT}, got {self.select!r}")
 
@@ -152,6 +158,21 @@ def selection_score(val_rec: float, val_kl: float) -> float:
     return val_rec + val_kl
 
 
+def _cluster_score(model: VAE, xt: torch.Tensor, cfg: TrainConfig, epoch: int, epochs: int) -> float:
+    """``select="cluster"``: minus the label-free clustering quality of the training events' latent
+    (``model.cluster.cluster_quality``, lower is better) on every ``cfg.select_every``-th epoch and the last one;
+    NaN (not a candidate) on the others.
+
+    The held-out ELBO measures how well the model reconstructs, not how well its latent separates groups: on
+    simulated deployments it kept latents whose clusters agreed less with the species (docs/RESULTS.md)."""
+    if (epoch + 1) % cfg.select_every and epoch + 1 != epochs:
+        return math.nan
+    from model.cluster import ClusterConfig, cluster_quality
+
+    mu = encode_mu(model, xt)[0].double().cpu().numpy()
+    return -cluster_quality(mu, ClusterConfig(seed=cfg.seed))
+
+
 def _split(n: int, n_val: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     perm = torch.randperm(n, generator=gen)
     return perm[n_val:].sort().values, perm[:n_val].sort().values
@@ -186,14 +207,16 @@ def fit(
     labels = labels.to(device)
     train_idx, val_idx = _split(len(x), cfg.held_out(len(x)), gen)
     epochs = cfg.epochs_for(len(x))
-    select = cfg.select if len(val_idx) >= max(1, cfg.select_min_held_out) else "last"
+    select = "last" if cfg.select == "best" and len(val_idx) < max(1, cfg.select_min_held_out) else cfg.select
     xt, yt = x[train_idx.to(device)], labels[train_idx.to(device)]
     xv = x[val_idx.to(device)]
     schedule = schedule or BetaSchedule(cfg.beta)
     forward = shard.wrap(model) if shard is not None else model  # DDP: broadcasts rank 0's weights
     rank, world = (shard.rank, shard.world) if shard is not None else (0, 1)
     step = max(1, cfg.batch_size // world)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # foreach: one kernel per Adam op over all parameters instead of one per parameter; the same arithmetic, so the
+    # same weights (on the CPU torch picks the per-parameter loop unless asked)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
     label_loss = losses.prototype if cfg.gamma.loss == "prototype" else losses.cluster_ratio
     history: list[EpochStats] = []
     good = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
@@ -211,7 +234,8 @@ def fit(
         perm = torch.randperm(len(xt), generator=gen).to(device)
         n_used = len(perm) // world * world  # every rank takes as many steps (DDP's all-reduce needs them all)
         perm = perm[rank:n_used:world]
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        parts: list[torch.Tensor] = []  # per step: (rec, kl, cls), weighted by batch size and summed once an epoch
+        sizes: list[int] = []
         for start in range(0, len(perm), step):
             idx = perm[start : start + step]
             xb = xt[idx]  # (batch, n_in)
@@ -225,7 +249,9 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sums += torch.stack([rec.detach(), kl.detach(), cls.detach()]).double() * len(idx)
+            parts.append(torch.stack([rec.detach(), kl.detach(), cls.detach()]))
+            sizes.append(len(idx))
+        sums = (torch.stack(parts).double() * torch.tensor(sizes, dtype=torch.float64, device=device)[:, None]).sum(0)
         if shard is not None:
             shard.all_sum(sums)  # the epoch's losses over every rank: each takes the same β from them
         rec_m, kl_m, cls_m = (sums / n_used).tolist()
@@ -252,8 +278,9 @@ def fit(
         stats = EpochStats(epoch, beta, gamma, rec_m, kl_m, cls_m, val_rec, val_kl, time.perf_counter() - t0)
         history.append(stats)
         good = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
-        if select == "best" and epoch >= cfg.beta.warmup:
-            score = selection_score(val_rec, val_kl)
+        if select != "last" and epoch >= cfg.beta.warmup:
+            best_elbo = select == "best"
+            score = selection_score(val_rec, val_kl) if best_elbo else _cluster_score(model, xt, cfg, epoch, epochs)
             if math.isfinite(score) and score < best[0]:
                 best = (score, epoch, good[0])
         if on_epoch is not None:

@@ -252,3 +252,76 @@ def test_most_agreeing_partition_known_answer():
         most_agreeing([a, a[:5]])
     with pytest.raises(ValueError, match="at least one"):
         most_agreeing([])
+
+
+def test_present_min_counts_a_cluster_only_beyond_stray_events():
+    from model.cluster import PRESENT_FLOOR, PRESENT_SHARE, present_min
+
+    assert (PRESENT_FLOOR, PRESENT_SHARE) == (2, 0.005)
+    assert present_min(10) == 2  # the floor: one stray event is not a species
+    assert present_min(400) == 2
+    assert present_min(401) == 3  # 0.5 % of 401 = 2.005, rounded up
+    assert present_min(4000) == 20
+    assert present_min(100, share=0.05, floor=1) == 5
+
+
+def test_cluster_quality_is_higher_for_separated_groups():
+    from model.cluster import cluster_quality
+
+    mu, _ = blobs()
+    rng = np.random.default_rng(1)
+    one = rng.normal(0, 1, (300, 2))
+    cfg = ClusterConfig(k_max=6)
+    separated, blob = cluster_quality(mu, cfg), cluster_quality(one, cfg)
+    assert separated > 0.7 and blob < 0.5 and separated > blob
+    # no units: the same groups, scaled, score the same
+    assert cluster_quality(mu * 40.0, cfg) == pytest.approx(separated)
+
+
+def test_training_can_keep_the_epoch_whose_latent_clusters_best():
+    import torch
+
+    from model.beta import BetaConfig
+    from model.cluster import cluster_quality
+    from model.train import TrainConfig, encode_mu, fit
+    from model.vae import VAE, VAEConfig
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 240)
+    bins = np.arange(40)
+    x = np.exp(-0.5 * ((bins[None, :] - (8 + 12 * y[:, None])) / 2.0) ** 2) + rng.normal(0, 0.05, (240, 40))
+    xt = torch.from_numpy(((x - x.min(1, keepdims=True)) / np.ptp(x, 1, keepdims=True)).astype(np.float32))
+    cfg = TrainConfig(epochs=40, batch_size=32, beta=BetaConfig(warmup=5), select="cluster", select_every=10)
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(n_in=40))
+    seen: dict[int, np.ndarray] = {}
+
+    def on_epoch(s) -> None:
+        seen[s.epoch] = encode_mu(model, xt)[0].double().numpy()
+
+    r = fit(model, xt, cfg, on_epoch=on_epoch)  # 24 held out: too few for the ELBO, not needed here
+    train = r.val_index.numpy()
+    train = np.setdiff1d(np.arange(240), train)
+    quality = {e: cluster_quality(seen[e][train], ClusterConfig(seed=0)) for e in (9, 19, 29, 39)}
+    assert r.selected_epoch == max(quality, key=quality.get)
+    assert np.allclose(encode_mu(model, xt)[0].double().numpy(), seen[r.selected_epoch], atol=1e-6)
+    with pytest.raises(ValueError, match="select_every"):
+        TrainConfig(select="cluster", select_every=0)
+
+
+def test_groups_of_a_cut_are_split_again_when_they_hold_structure():
+    # two families far apart, each of three species close together: one cut finds the families
+    rng = np.random.default_rng(0)
+    triangle = np.array([[0.0, 0], [3, 0], [1.5, 2.6]])
+    centres = np.r_[triangle - 30, triangle + 30]
+    y = rng.integers(0, 6, 1200)
+    mu = centres[y] + rng.normal(0, 0.35, (1200, 2))
+    from sklearn.metrics import adjusted_rand_score
+
+    once = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(k_max=10))
+    split = fit_clusterer(mu, np.ones(len(mu)), ClusterConfig(k_max=10, split_silhouette=0.5))
+    assert once.k == 2 and split.k == 6
+    assert adjusted_rand_score(y, split.assign(mu).cluster) > 0.95
+    # a single blob holds no structure worth a split
+    blob = fit_clusterer(rng.normal(0, 1, (600, 2)), np.ones(600), ClusterConfig(k_max=10, split_silhouette=0.5))
+    assert blob.k <= 3

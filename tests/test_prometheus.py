@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -73,7 +74,7 @@ def panel_queries() -> list[tuple[str, str]]:
     """(panel title / legend, PromQL with the variables replaced) for every target of every panel."""
     out = []
     for p in dashboard()["panels"]:
-        for t in p["targets"]:
+        for t in p.get("targets", []):  # a row has none; an open row's panels follow it in "panels"
             out.append((f"{p['title']} / {t.get('legendFormat') or t['refId']}", grafana_expr(t["expr"])))
     return out
 
@@ -159,6 +160,8 @@ def test_alert_rules_follow_the_convention():
         "store near its disk limit": "WingbeatDiskNearFull",
         "latency p99": "WingbeatPublishLatencyHigh",
         "novel-event rate": "WingbeatNovelRateHigh",
+        "a new cluster appears": "WingbeatNewCluster",
+        "coverage stays low": "WingbeatCoverageLow",
     }
     assert set(wanted.values()) <= {r["alert"] for r in rules}
 
@@ -175,6 +178,10 @@ def test_dashboard_is_well_formed_and_provisioned():
     assert len(ids) == len(set(ids)), f"panel ids repeat: {ids}"
     cells: set[tuple[int, int]] = set()
     for p in panels:
+        if p["type"] == "row":  # open, so that its panels are top-level ones and their queries are checked here
+            assert not p["collapsed"] and not p["panels"] and p["gridPos"]["w"] == 24, p["title"]
+            cells |= {(x, p["gridPos"]["y"]) for x in range(24)}
+            continue
         assert p["datasource"] == ds, f"panel {p['title']!r}: datasource {p.get('datasource')}"
         assert p["targets"], f"panel {p['title']!r} has no query"
         refs = [t["refId"] for t in p["targets"]]
@@ -187,7 +194,8 @@ def test_dashboard_is_well_formed_and_provisioned():
         cells |= mine
     titles = " ".join(p["title"].lower() for p in panels)
     topics = ["ingest", "rejects", "gaps", "publish", "ack", "queue", "store", "model version", "β", "losses"]
-    for topic in [*topics, "cluster", "novel", "training runs", "durations"]:  # the issue's list of panels
+    diversity = ["biodiversity", "hill numbers", "abundance", "diel", "coverage"]
+    for topic in [*topics, "cluster", "novel", "training runs", "durations", *diversity]:  # the issues' lists
         assert topic in titles, f"no panel about {topic}"
     source = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yml").read_text())["datasources"][0]
     assert source["type"] == "prometheus" and source["uid"] == variables["datasource"]["current"]["value"]
@@ -337,7 +345,74 @@ epochs_first = 20
 finetune_every_events = 100000
 full_every_events = 100000
 finetune_every_s = 0.0
+[diversity]
+summary_every_s = 2
 """
+
+SUMMARY_FIELDS = {"station", "start", "end", "events", "novel", "model_version", "abundance", "observed", "estimated"}
+SUMMARY_FIELDS |= {"ci95", "coverage"}
+
+
+def diversity_summaries(endpoint: str) -> zmq.Socket[bytes]:
+    """A subscriber to the daemon's diversity summaries (topic ``diversity.``), as ``wingbeat tail`` subscribes."""
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.SUBSCRIBE, b"diversity.")
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def summaries_of(sock: zmq.Socket[bytes], events: int, timeout: float) -> list[dict[str, Any]]:
+    """The summaries of the short windows until they hold ``events`` events, or ``timeout`` seconds."""
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while sum(s["events"] for s in got if s["window_s"] == 2) < events and time.monotonic() < deadline:
+        if sock.poll(200):
+            topic, body = sock.recv_multipart()
+            assert topic == b"diversity.local"
+            got.append(json.loads(body))
+    return got
+
+
+def check_live_diversity(d: Daemon, prom: Prometheus, summaries: zmq.Socket[bytes]) -> dict[str, Any]:
+    """The gauges of the last hour (every output of the test) against the observed Hill numbers of the published
+    labels in the store, through Prometheus; the summaries on the XPUB cover every event once, with every field."""
+    from daemon.report.windows import diversity_windows
+
+    (window,) = diversity_windows(d.state, "all", as_served=True)
+    assert window["events"] == 200 and window["pending"] == 0
+
+    def gauges() -> dict[str, float]:
+        r = prom.query('wingbeat_diversity{window="1h"}')["data"]["result"]
+        return {f"q{s['metric']['q']}": float(s["value"][1]) for s in r}
+
+    def agree() -> bool:
+        g = gauges()
+        return len(g) == 3 and all(math.isclose(g[q], window["observed"][q], rel_tol=1e-9) for q in g)
+
+    try:
+        wait_for(agree, timeout=20, every=0.5)
+    except RuntimeError:
+        raise AssertionError(f"gauges {gauges()} != the store's {window['observed']}") from None
+    abundance = {
+        s["metric"]["cluster"]: float(s["value"][1])
+        for s in prom.query('wingbeat_cluster_abundance{window="1h"}')["data"]["result"]
+    }
+    assert {c: n for c, n in abundance.items() if n} == {c: float(n) for c, n in window["abundance"].items()}
+    assert prom.values('wingbeat_diversity_novel_events{window="1h"}') == [float(window["novel"])]
+    got = summaries_of(summaries, 200, timeout=20)
+    short = [s for s in got if s["window_s"] == 2]
+    assert sum(s["events"] for s in short) == 200, got
+    for s in short:
+        assert SUMMARY_FIELDS <= set(s) and s["station"] == "" and s["model_version"] is not None, s
+        assert s["events"] == s["novel"] + sum(s["abundance"].values()) and s["end"] > s["start"], s
+        assert s["observed"]["q0"] == len(s["abundance"]) and 0 <= s["coverage"] <= 1, s
+    total: dict[str, int] = {}
+    for s in short:
+        for c, n in s["abundance"].items():
+            total[c] = total.get(c, 0) + n
+    assert total == window["abundance"]
+    return {"gauges": gauges(), "summaries": len(short)}
 
 
 def send_bad_messages(endpoint: str) -> list[str]:
@@ -369,6 +444,8 @@ def test_a_real_prometheus_scraping_the_daemon_answers_every_panel_and_alert(tmp
     conf.write_text(CONFIG)
     d = Daemon(tmp_path / "state", conf)
     prom: Prometheus | None = None
+    summaries = diversity_summaries(d.publish)
+    follow: subprocess.Popen[str] | None = None
     try:
         # The repository's rules, with one change: WingbeatDown's `for: 1m` becomes 1 s so the kill at the end
         # fires it within the test. Everything else (exprs, labels, annotations, other `for:`) is as shipped.
@@ -397,12 +474,20 @@ def test_a_real_prometheus_scraping_the_daemon_answers_every_panel_and_alert(tmp
         assert send_bad_messages(d.ingest) == ["json", "length", "version"]
         wait_for(lambda: prom.values("wingbeat_model_version") == [1.0], timeout=150, every=1)
         wait_for(lambda: len(prom.values("wingbeat_training_loss")) == 3, timeout=30)
+        # `wingbeat tail --topic diversity.` subscribed (the daemon counts it) before the last events arrive
+        tail = ["tail", "--connect", d.publish, "--topic", "diversity.", "--count", "1", "--timeout", "60"]
+        follow = subprocess.Popen([sys.executable, "-m", "daemon.cli", *tail], stdout=subprocess.PIPE, text=True)
+        wait_for(lambda: prom.values("wingbeat_subscriptions") == [2.0], timeout=30, every=0.5)
         rest = itertools.islice(events_of(rec, "trap-1", 3, False), 150, None)
         second = replay(rest, d.ingest, window=32, give_up_s=60)
         assert (second.acked, second.rejected) == (50, {})
         wait_for(lambda: prom.values("sum(wingbeat_events_stored_total)") == [200.0], timeout=30)
         wait_for(lambda: prom.values("wingbeat_backlog_events") == [0.0], timeout=30)
         wait_for(lambda: prom.values("sum(wingbeat_sequence_gaps_total)") == [3.0], timeout=30)
+        diversity = check_live_diversity(d, prom, summaries)
+        tailed, _ = follow.communicate(timeout=60)
+        (line,) = tailed.splitlines()
+        assert SUMMARY_FIELDS <= set(json.loads(line)), line
         time.sleep(3)  # a few more scrapes after the last change, so every rate() has points on both sides of it
 
         table: list[dict[str, Any]] = []
@@ -458,6 +543,10 @@ def test_a_real_prometheus_scraping_the_daemon_answers_every_panel_and_alert(tmp
             }
         )
     finally:
+        summaries.close()
+        if follow is not None and follow.poll() is None:
+            follow.kill()
+            follow.wait(timeout=10)
         if prom is not None:
             prom.stop()
         if d.proc.poll() is None:
@@ -477,7 +566,7 @@ def test_a_real_prometheus_scraping_the_daemon_answers_every_panel_and_alert(tmp
     print(f"\n{'what':<13} {'name':<{width}}  value (Prometheus {prom.url if prom else ''}, ranges of 5m)")
     for r in rows:
         print(f"{r['kind']:<13} {r['name']:<{width}}  {r['value']}")
-    print(f"instance variable: {instances['data']}")
+    print(f"instance variable: {instances['data']}; live diversity: {diversity}")
     print(f"values written to {out}; test took {time.monotonic() - t_start:.0f} s")
 
     assert not broken, f"alert rules that failed to evaluate: {broken}"

@@ -59,6 +59,8 @@ CASES = {
         [*good(dtype="float32", shape=[1, 200])[:2], np.r_[np.zeros(199), np.nan].astype("<f4").tobytes()]
     ),
     "oversize": lambda: [*good()[:2], b"\x00" * (17 * 1024 * 1024)],
+    "encoding": lambda: good(label="\ud800"),
+    "nesting": lambda: good(meta={"a": [[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]}),
 }
 
 
@@ -70,7 +72,7 @@ def test_each_violation_is_rejected_with_its_reason(reason):
 
 
 def test_every_reason_but_the_store_and_feature_ones_has_a_case():
-    assert set(REASONS) - set(CASES) == {"duplicate", "featurise"}
+    assert set(REASONS) - set(CASES) == {"duplicate", "featurise", "store"}
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from daemon.protocol import (
     encode_ack,
     encode_ingest,
     encode_output,
+    json_problem,
 )
 
 pytestmark = pytest.mark.faults  # hostile input: part of `make faults`
@@ -225,3 +226,118 @@ def test_any_config_is_accepted_or_refused_in_one_line_naming_a_key(tmp_path_fac
         named = msg.split(":")[0]  # the key at fault: one that was set, or (cross-key rules) one that must be
         tables = {k.rpartition(".")[0] for k in values}
         assert named in values or named in tables or named in KNOWN or named.endswith("c.toml"), msg
+
+
+# ---- hostile classes: lone surrogates, 2^64, 400-digit numbers, deep nesting ------------------------------------
+surrogates = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+huge_ints = st.sampled_from([2**63, 2**64, -(2**63) - 1, 10**399, -(10**399)]) | st.integers(min_value=2**63)
+
+
+def base_header() -> dict:
+    x = np.zeros((1, 64), "<i2")
+    return json.loads(encode_ingest(Event("s1", 3, 5, 20_800.0, "int16", 1, x, "Aedes", {"k": 1}))[1])
+
+
+def frames_of(header: dict | bytes) -> list[bytes]:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return [b"rec.s1", raw, np.zeros((1, 64), "<i2").tobytes()]
+
+
+def deep(depth: int, leaf: object = 1) -> object:
+    """A value nested ``depth`` lists deep, built without recursion."""
+    v = leaf
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+@SETTINGS
+@given(st.text(max_size=10), surrogates, st.text(max_size=10), st.sampled_from(["label", "meta_key", "meta_value"]))
+def test_a_lone_surrogate_anywhere_in_the_header_is_an_encoding_reject(before, s, after, where):
+    text = before + s + after
+    h = base_header()
+    if where == "label":
+        h["label"] = text
+    elif where == "meta_key":
+        h["meta"] = {text: 1}
+    else:
+        h["meta"] = {"note": [text]}
+    out = decode_ingest(frames_of(h), LIMITS)
+    assert isinstance(out, Reject) and out.reason == "encoding", out
+    assert (out.sensor, out.seq) == ("s1", 3)  # still answerable: the ack names the event
+
+
+@SETTINGS
+@given(huge_ints, st.sampled_from(["seq", "t0_ns", "fs", "shape", "meta"]))
+def test_integers_beyond_64_bits_are_header_rejects_never_exceptions(n, where):
+    h = base_header()
+    if where == "shape":
+        h["shape"] = [1, n]
+    elif where == "meta":
+        h["meta"] = {"n": n}
+    else:
+        h[where] = n
+    out = decode_ingest(frames_of(h), LIMITS)  # 10**399 as fs made math.isfinite raise OverflowError
+    assert isinstance(out, Reject) and out.reason == "header", out
+
+
+def test_a_400_digit_fs_written_as_json_text_is_a_reject():
+    raw = json.dumps(base_header()).replace('"fs": 20800.0', '"fs": ' + "9" * 400).encode()
+    assert b"9" * 400 in raw
+    out = decode_ingest(frames_of(raw), LIMITS)
+    assert isinstance(out, Reject) and out.reason == "header"
+
+
+@pytest.mark.parametrize("depth", [16, 17, 100, 900, 5_000, 10_000])
+def test_deep_nesting_is_refused_without_recursion_error(depth):
+    h = base_header()
+    h["meta"] = {"m": deep(depth - 2)}  # the header is depth 1, meta 2
+    text = json.dumps({**h, "meta": {"m": 0}}).replace('"m": 0', '"m": ' + "[" * (depth - 2) + "0" + "]" * (depth - 2))
+    out = decode_ingest(frames_of(text.encode()), LIMITS)
+    if depth <= 16:
+        assert isinstance(out, Event)
+    else:  # past the bound: "nesting", or "json" where the parser stops first, or too big a header
+        assert isinstance(out, Reject) and out.reason in ("nesting", "json", "header"), out
+    assert (json_problem(h) is None) == (depth <= 16)  # the walk itself never recurses, at any depth
+
+
+@SETTINGS
+@given(
+    st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+    st.sampled_from(["fs", "meta"]),
+)
+def test_non_finite_numbers_in_a_header_are_refused(f, where):
+    h = base_header()
+    if where == "fs":
+        h["fs"] = f
+    else:
+        h["meta"] = {"x": [f]}
+    out = decode_ingest(frames_of(h), LIMITS)
+    assert isinstance(out, Reject) and out.reason == "header", out
+
+
+hostile_values = (
+    json_values
+    | surrogates
+    | huge_ints
+    | st.integers(5, 40).map(deep)
+    | st.text(min_size=4_000, max_size=4_200, alphabet="ab")
+)
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from(["label", "meta", "t0_ns", "fs", "seq"]), hostile_values, max_size=3))
+def test_whatever_the_codec_accepts_the_store_can_hold(tmp_path_factory, changes):
+    """The codec's bounds are the store's: an accepted event is stored, never an exception from SQLite or json."""
+    from daemon.store.db import Store
+
+    h = {**base_header(), **changes}
+    out = decode_ingest(frames_of(h), LIMITS)
+    check(out)
+    if isinstance(out, Event):
+        store = Store(tmp_path_factory.mktemp("store"))
+        try:
+            ids = store.ingest([out], [np.ones((1, 4), np.float32)], [], keep_raw=True)
+            assert ids[0] > 0
+        finally:
+            store.close()

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.protocol import Event, Output, Quarantined
+from daemon.protocol import REFUSED, Event, Output, Quarantined
 from daemon.store.db import DB_NAME, SCHEMA_VERSION, Store, StoreError
 
 
@@ -42,11 +42,29 @@ def test_round_trip_and_dedup(tmp_path):
 
 
 def test_a_failed_batch_stores_nothing(tmp_path):
+    """A disk or locking error is the batch's: it raises, and nothing of the batch is stored (nor may be acked)."""
     st = Store(tmp_path)
-    st.db.execute("CREATE TRIGGER boom BEFORE INSERT ON raw WHEN NEW.event_id = 2 BEGIN SELECT RAISE(ABORT, 'x'); END")
-    with pytest.raises(sqlite3.DatabaseError):
+    other = sqlite3.connect(tmp_path / DB_NAME)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the busy timeout
+    st.db.execute("PRAGMA busy_timeout = 50")
+    with pytest.raises(sqlite3.OperationalError):
         put(st, [ev(0), ev(1)], [], keep_raw=True)
-    assert st.count_events() == 0  # nothing of the batch, so nothing of it may be acked
+    other.rollback()
+    other.close()
+    assert st.count_events() == 0
+
+
+def test_an_event_the_store_refuses_is_quarantined_and_the_rest_of_its_batch_stored(tmp_path):
+    """Any other error is one event's: that event is quarantined (reason ``store``), the others stored."""
+    st = Store(tmp_path)
+    # on the raw row of seq 1: its event and features, written before it, must go too
+    boom = "WHEN (SELECT seq FROM events WHERE id = NEW.event_id) = 1 BEGIN SELECT RAISE(ABORT, 'x'); END"
+    st.db.execute(f"CREATE TRIGGER boom BEFORE INSERT ON raw {boom}")
+    ids = put(st, [ev(0), ev(1), ev(2)], [], keep_raw=True)
+    assert ids[0] > 0 and ids[1] == REFUSED and ids[2] > 0
+    assert st.count_events() == 2 and st.db.execute("SELECT count(*) FROM raw").fetchone()[0] == 2
+    assert st.db.execute("SELECT count(*) FROM features").fetchone()[0] == 2
+    assert st.db.execute("SELECT reason, seq FROM quarantine").fetchall() == [("store", 1)]
 
 
 def test_retention_drops_oldest_raw_only(tmp_path):
@@ -90,7 +108,7 @@ V1 = Path(__file__).parent / "data" / "store-v1.sqlite"  # written by the schema
 def test_a_schema_1_store_migrates_with_a_backup_and_loses_nothing(tmp_path):
     shutil.copy(V1, tmp_path / DB_NAME)
     st = Store(tmp_path)
-    assert st.schema_version() == SCHEMA_VERSION == 3
+    assert st.schema_version() == SCHEMA_VERSION == 4
     assert st.migrated is not None and st.migrated[0] == 1
     backup = st.migrated[1]
     assert backup.read_bytes()[:16] == b"SQLite format 3\0"

@@ -9,7 +9,7 @@ import importlib
 
 from daemon.cli.app import app
 
-COMMAND_GROUPS = ("model", "station", "central")
+COMMAND_GROUPS = ("model", "station", "outputs", "diversity", "central", "files")
 
 
 def main() -> None:

@@ -11,41 +11,101 @@ from typing import Annotated, Any
 import typer
 
 from daemon.cli.app import ClusterMethod, Device, Mode, app, clean_errors, emit_json, pick_device, without_nproc
+from daemon.cli.folders import LabelFrom, TimeFrom, audio_options, warn
 
 
 @app.command()
 @clean_errors
 def simulate(
     out: Annotated[Path, typer.Option(help="Recordings data set to write (.npz).")],
-    events: Annotated[int, typer.Option(min=1, help="Number of events.")] = 2000,
-    species: Annotated[int, typer.Option(min=1, help="Number of species.")] = 6,
+    events: Annotated[
+        int, typer.Option(min=1, help="Number of events (with --days: expected in the whole deployment).")
+    ] = 2000,
+    species: Annotated[
+        int | None, typer.Option(min=1, help="Number of species (default 6; with --days drawn by the seed).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     labelled_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of events with a label.")] = 1.0,
     fs: Annotated[float, typer.Option(help="Sample rate in Hz.")] = 20_800.0,
     channels: Annotated[int, typer.Option(min=1, max=8, help="Wavelengths (channels).")] = 2,
+    noise: Annotated[float, typer.Option(min=0.0, help="Sensor noise, standard deviation in ADC counts.")] = 30.0,
+    days: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Simulate a deployment of this many UTC days from 2026-06-01, whose community changes by day, and "
+            "write its truth beside OUT (OUT with .truth.json: per-day and overall true abundances and Hill "
+            "numbers, the species table). 0 = one steady stream of events.",
+        ),
+    ] = 0,
+    community: Annotated[
+        str,
+        typer.Option(
+            help="With --days: 'stable' (every species every day, abundances drifting a little), 'changing' "
+            "(species appear and vanish, abundances change by day) or 'volatile' (strong swings, more turnover); "
+            'or a JSON object of fields overriding one, e.g. \'{"preset": "stable", "species": 8}\' (fields: '
+            "species, species_min, species_max, f_min, f_max, min_spacing, sigma_base, sigma_day, sigma_total, "
+            "turnover, width_min, width_max). The species table (count, wing-beat fundamentals, harmonics, diel "
+            "activity) is drawn by the seed.",
+        ),
+    ] = "changing",
 ) -> None:
-    """Write a recordings data set from a simulated optical insect sensor."""
+    """Write a recordings data set from a simulated optical insect sensor; with --days, a deployment and its truth."""
+    import json
+    from dataclasses import replace
+
     import numpy as np
 
-    from daemon.data.simulate import SimConfig
+    from daemon.data.simulate import SimConfig, community_from, simulate_deployment
     from daemon.data.simulate import simulate as run_sim
 
-    cfg = SimConfig(
-        events=events, species=species, seed=seed, labelled_fraction=labelled_fraction, fs=fs, channels=channels
-    )
-    data = run_sim(cfg)
+    truth = None
+    if days:
+        com = community_from(community)
+        if species is not None:
+            com = replace(com, species=species)
+        cfg = SimConfig(
+            events=events, seed=seed, labelled_fraction=labelled_fraction, fs=fs, channels=channels, noise=noise
+        )
+        data, truth = simulate_deployment(cfg, days, com)
+    else:
+        cfg = SimConfig(
+            events=events,
+            species=species or 6,
+            seed=seed,
+            labelled_fraction=labelled_fraction,
+            fs=fs,
+            channels=channels,
+            noise=noise,
+        )
+        data = run_sim(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.npz")
     np.savez_compressed(tmp, allow_pickle=False, **data)
     os.replace(tmp, out)
-    n_lab = int((data["label"] != "").sum())
-    typer.echo(f"wrote {out}: {events} events, {species} species, {channels} channels at {fs:g} Hz, {n_lab} labelled")
+    n, n_lab = len(data["label"]), int((data["label"] != "").sum())
+    k = len(truth["species"]) if truth is not None else cfg.species
+    line = f"wrote {out}: {n} events, {k} species, {channels} channels at {fs:g} Hz, {n_lab} labelled"
+    if truth is not None:
+        path = truth_path(out)
+        tmp_json = path.with_name(f".{path.name}.tmp")
+        tmp_json.write_text(json.dumps(truth, indent=1) + "\n")
+        os.replace(tmp_json, path)
+        line += f", {days} days; truth in {path}"
+    typer.echo(line)
+
+
+def truth_path(data: Path) -> Path:
+    """Where ``simulate --days`` writes the truth of the deployment in ``data``: beside it, ``.truth.json``."""
+    return data.with_suffix(".truth.json")
 
 
 @app.command()
 @clean_errors
 def train(
-    data: Annotated[Path, typer.Argument(help="Data set (.npz): recordings, spectra or features.")],
+    data: Annotated[
+        Path, typer.Argument(help="Data set (.npz): recordings, spectra or features; or a folder of WAV/FLAC files.")
+    ],
     out: Annotated[Path, typer.Option(help="Model version directory to write.")],
     epochs: Annotated[
         int | None,
@@ -100,6 +160,8 @@ def train(
             "(default: 3 for sets under 500 events when --epochs is not given, else 1; 1 with --reference).",
         ),
     ] = None,
+    label_from: LabelFrom = None,
+    time_from: TimeFrom = "mtime",
 ) -> None:
     """Train a dynamic β-VAE and its latent clusters; write a model version. Under ``torchrun`` (or with
     ``--nproc N``) every rank trains on its share of the events and rank 0 writes the version."""
@@ -131,7 +193,7 @@ def train(
     if shard is not None:
         dev = ddp.local_device(dev.type == "cuda")
     feat_cfg = FeatureConfig()
-    ds = load_dataset(data, feat_cfg, skip_bad=skip_bad)
+    ds = load_dataset(data, feat_cfg, skip_bad=skip_bad, audio=audio_options(label_from, time_from), warn=warn)
     vae_cfg = VAEConfig(
         n_in=int(ds.features[0].size),
         latent_dim=latent_dim or (2 if reference else VAEConfig.latent_dim),
@@ -212,10 +274,12 @@ def _restarts_note(r: dict[str, Any]) -> str:
 @clean_errors
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(help="Model version directory.")],
-    data: Annotated[Path, typer.Argument(help="Labelled data set (.npz).")],
+    data: Annotated[Path, typer.Argument(help="Labelled data set (.npz), or a folder of WAV/FLAC files.")],
     baselines: Annotated[bool, typer.Option(help="Also run Ward, PCA(2)+GMM and k-means on the same events.")] = False,
     skip_bad: Annotated[bool, typer.Option(help="Leave out events that cannot be featurised.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object last.")] = False,
+    label_from: LabelFrom = None,
+    time_from: TimeFrom = "mtime",
 ) -> None:
     """ARI and AMI of the model's clusters against the labels of every labelled event."""
     from daemon.data.datasets import load_dataset
@@ -225,7 +289,8 @@ def evaluate(
     from model.predict import predict
 
     version = read_version(model_dir)
-    ds = load_dataset(data, version.features, skip_bad=skip_bad)
+    audio = audio_options(label_from, time_from)
+    ds = load_dataset(data, version.features, skip_bad=skip_bad, audio=audio, warn=warn)
     keep = ds.labelled
     if keep.sum() < 2:
         raise ValueError(f"{data}: needs at least 2 labelled events to evaluate, has {int(keep.sum())}")
@@ -254,9 +319,13 @@ def evaluate(
 @clean_errors
 def plot(
     model_dir: Annotated[Path, typer.Argument(help="Model version directory.")],
-    data: Annotated[Path | None, typer.Argument(help="Data set to place in the latent space (.npz).")] = None,
+    data: Annotated[
+        Path | None, typer.Argument(help="Data set to place in the latent space (.npz, or a folder of WAV/FLAC).")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Picture to write (.png).")] = Path("wingbeat.png"),
     skip_bad: Annotated[bool, typer.Option(help="Leave out events that cannot be featurised.")] = False,
+    label_from: LabelFrom = None,
+    time_from: TimeFrom = "mtime",
 ) -> None:
     """Latent space by cluster and label, β / γ / loss curves, spectra beside their reconstructions."""
     from daemon.data.datasets import load_dataset
@@ -264,7 +333,8 @@ def plot(
     from daemon.store.versions import read_version
 
     version = read_version(model_dir)
-    ds = load_dataset(data, version.features, skip_bad=skip_bad) if data is not None else None
+    audio = audio_options(label_from, time_from)
+    ds = load_dataset(data, version.features, skip_bad, audio, warn) if data is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
     render(version, ds.features if ds else None, ds.label if ds else None, out)
     typer.echo(f"wrote {out}")

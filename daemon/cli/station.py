@@ -1,16 +1,17 @@
 """The daemon's side of the ``wingbeat`` command: ``run``, ``check-config``, ``replay``, ``tail``, ``keys``,
-``status``, ``export``, ``retrain`` and ``demo``. Registered on the one ``app`` of ``daemon.cli.app``."""
+``status``, ``retrain`` and ``demo``. Registered on the one ``app`` of ``daemon.cli.app``."""
 
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from daemon.cli.app import Device, app, clean_errors, emit_json
+from daemon.cli.folders import LabelFrom, TimeFrom, audio_options, warn
 
 
 def _config(config: Path | None, overrides: dict[str, Any]) -> Any:
@@ -82,7 +83,7 @@ ServerKey = Annotated[Path | None, typer.Option(help="CURVE: the daemon's public
 @app.command()
 @clean_errors
 def replay(
-    data: Annotated[Path, typer.Argument(help="Recordings data set (.npz).")],
+    data: Annotated[Path, typer.Argument(help="Recordings data set (.npz), or a folder of WAV/FLAC files.")],
     connect: Annotated[str, typer.Option(help="The daemon's ingest (ROUTER) endpoint.")] = "tcp://127.0.0.1:5555",
     rate: Annotated[float, typer.Option(min=0.0, help="Events per second (0 = as fast as acks allow).")] = 0.0,
     sensor: Annotated[str, typer.Option(help="Sensor name (when the file names none).")] = "replay",
@@ -95,14 +96,19 @@ def replay(
     client_key: ClientKey = None,
     server_key: ServerKey = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    label_from: LabelFrom = None,
+    time_from: TimeFrom = "mtime",
 ) -> None:
-    """Send a recordings file to the daemon; exit 0 only when every event is acknowledged."""
+    """Send a recordings file (or a folder of audio files, each event's meta naming its file) to the daemon; exit 0
+    only when every event is acknowledged."""
     from daemon.cli.clients import events_of
     from daemon.cli.clients import replay as send
-    from daemon.data.datasets import read_recordings
+    from daemon.data.datasets import load_recordings
 
-    rec = read_recordings(data)
+    rec = load_recordings(data, audio_options(label_from, time_from), warn)
     events = events_of(rec, sensor, start_seq, sensor_from_file=True)
+    if rec.meta is not None:
+        events = _with_meta(events, rec.meta)
     curve = _curve(client_key, server_key)
     res = send(events, connect, rate, window, ack_timeout, give_up, curve=curve)
     if as_json:
@@ -115,6 +121,13 @@ def replay(
         )
     if res.unacked or res.rejected or res.acked != len(rec):
         raise typer.Exit(1)
+
+
+def _with_meta(events: Iterator[Any], meta: list[dict[str, Any]]) -> Iterator[Any]:
+    """Events with their meta (the file each was read from)."""
+    for ev, m in zip(events, meta, strict=True):
+        ev.meta = m
+        yield ev
 
 
 @app.command()
@@ -232,69 +245,6 @@ def status(
             f"daemon pid {d['pid']} ({'up' if age < 10 else f'no update for {age:.0f} s'}): "
             f"{d['events_per_s']} events/s; next training: {d['next_training']}"
         )
-
-
-@app.command()
-@clean_errors
-def export(
-    out: Annotated[Path, typer.Option(help="FILE.csv or FILE.npz")],
-    state: Annotated[Path, typer.Option(help="State directory.")] = Path("wingbeat-state"),
-    since: Annotated[
-        str | None, typer.Option(help="Only events from this time on (ISO 8601, or ns since epoch).")
-    ] = None,
-) -> None:
-    """Outputs with their event metadata, for analysis."""
-    import csv
-    from datetime import datetime
-
-    import numpy as np
-
-    from daemon.store.db import Store
-
-    if out.suffix not in (".csv", ".npz"):
-        raise ValueError(f"--out must end in .csv or .npz, got {out.name}")
-    since_ns = 0
-    if since:
-        since_ns = int(since) if since.isdigit() else int(datetime.fromisoformat(since).timestamp() * 1e9)
-    cols = [
-        "event_id",
-        "sensor",
-        "seq",
-        "t0_ns",
-        "fs",
-        "channels",
-        "n_samples",
-        "label",
-        "station",  # '' for the daemon's own events; the station's name for events pooled at a centre
-        "received_ns",
-        "model_version",
-        "cluster",
-        "probability",
-        "novelty",
-        "rec_error",
-        "latent",
-    ]
-    store = Store(state, readonly=True)
-    try:
-        rows = list(store.export_rows(since_ns))
-    finally:
-        store.close()
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    if out.suffix == ".csv":
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(cols)
-            w.writerows(rows)
-    else:
-        arrays = {c: np.array([r[i] for r in rows]) for i, c in enumerate(cols) if c != "latent"}
-        lat = [json.loads(r[-1]) for r in rows]
-        width = max((len(v) for v in lat), default=0)
-        arrays["latent"] = np.array([v + [np.nan] * (width - len(v)) for v in lat], dtype=np.float64).reshape(
-            len(lat), width
-        )
-        np.savez_compressed(tmp, allow_pickle=False, **arrays)
-    os.replace(tmp, out)
-    typer.echo(f"wrote {out}: {len(rows)} outputs")
 
 
 @app.command()

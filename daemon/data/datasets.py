@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from model.spectra import FeatureConfig, FeatureError, featurise_events, featurise_spectra, scale_features
+
+if TYPE_CHECKING:
+    from daemon.data.audio import AudioOptions
 
 SAMPLE_DTYPES = ("int16", "uint16", "int32", "float32", "float64")
 KINDS = ("recordings", "spectra", "features")
@@ -29,6 +35,7 @@ class Recordings:
     label: np.ndarray  # (N,) str, "" = unlabelled
     sensor: np.ndarray  # (N,) str
     t0_ns: np.ndarray  # (N,) int64
+    meta: list[dict[str, Any]] | None = None  # per event, for recordings read from a folder of audio files
 
     def __len__(self) -> int:
         return len(self.channels)
@@ -131,6 +138,42 @@ def read_recordings(path: Path) -> Recordings:
     )  # fmt: skip
 
 
+def _stderr(line: str) -> None:
+    print(f"wingbeat: {line}", file=sys.stderr)
+
+
+def read_folder(
+    path: Path, audio: AudioOptions | None = None, warn: Callable[[str], None] = _stderr, digest: bool = True
+) -> tuple[Recordings, str]:
+    """A folder of audio files as recordings and the digest of the files read ("" without ``digest``). Each file
+    that cannot be read is one ``warn`` line (its name and why), then their count; a DatasetError when none could
+    be read."""
+    from daemon.data.audio import AudioError, AudioOptions, as_arrays, folder_sha256, read_audio_folder
+
+    try:
+        folder = read_audio_folder(path, audio or AudioOptions())
+    except AudioError as e:
+        raise DatasetError(str(e)) from None
+    for p in folder.problems:
+        warn(f"{path / p.file}: {p.reason}")
+    if folder.problems:
+        warn(f"{len(folder.problems)} of {folder.tried} files in {path} could not be read")
+    if not folder.events:
+        what = f"none of its {folder.tried} files could be read" if folder.tried else "it holds no files"
+        raise DatasetError(f"{path}: no audio to read: {what}")
+    d = as_arrays(folder.events)
+    rec = Recordings(
+        d["samples"], d["offsets"], d["channels"], d["fs"], d["label"],
+        np.full(len(folder.events), "", dtype="<U1"), d["t0_ns"], [{"file": f} for f in d["files"]],
+    )  # fmt: skip
+    return rec, folder_sha256(path, d["files"]) if digest else ""
+
+
+def load_recordings(path: Path, audio: AudioOptions | None = None, warn: Callable[[str], None] = _stderr) -> Recordings:
+    """Recordings from a ``.npz`` data set or from a folder of audio files (``audio``: how files become events)."""
+    return read_folder(path, audio, warn, digest=False)[0] if path.is_dir() else read_recordings(path)
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -139,16 +182,29 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_dataset(path: Path | str, cfg: FeatureConfig, skip_bad: bool = False) -> Dataset:
-    """Any of the three data-set kinds → features on ``cfg``'s grid (or as stored, for ``features``).
+def load_dataset(
+    path: Path | str,
+    cfg: FeatureConfig,
+    skip_bad: bool = False,
+    audio: AudioOptions | None = None,
+    warn: Callable[[str], None] = _stderr,
+) -> Dataset:
+    """Any of the three data-set kinds, or a folder of audio files (read as ``audio`` says, its unreadable files
+    reported through ``warn``) → features on ``cfg``'s grid (or as stored, for ``features``).
 
     Events that cannot be featurised raise a DatasetError naming them, unless ``skip_bad``.
     """
     path = Path(path)
-    d = _load(path)
+    sha = ""
+    if path.is_dir():
+        rec, sha = read_folder(path, audio, warn)
+        d: dict[str, np.ndarray] = {"samples": rec.samples}
+    else:
+        d = _load(path)
     if "samples" in d:
         kind = "recordings"
-        rec = read_recordings(path)
+        if not sha:
+            rec = read_recordings(path)
         n = len(rec)
         label = rec.label
         if len(set(rec.channels.tolist())) > 1:
@@ -197,4 +253,5 @@ def load_dataset(path: Path | str, cfg: FeatureConfig, skip_bad: bool = False) -
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
         raise DatasetError(f"{path}: {'; '.join(first)}{more}; use --skip-bad to leave such events out")
     keep = ok
-    return Dataset(path, kind, feats[keep], label[keep], file_sha256(path), {i: str(e) for i, e in errors.items()})
+    sha = sha or file_sha256(path)
+    return Dataset(path, kind, feats[keep], label[keep], sha, {i: str(e) for i, e in errors.items()})

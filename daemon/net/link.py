@@ -6,10 +6,9 @@ nats-py is asyncio: ``NetworkLink`` runs it in one thread with its own event loo
 only through thread-safe queues and two integers, never waits on the network, and stays the store's one writer:
 
 - station: the thread reads the outbox (this daemon's events above the forwarded watermark) on its own read-only
-  SQLite connection (WAL lets it read beside the writer), publishes them oldest first with the message ID
-  ``<station>/<sensor>/<seq>`` (a resend after a crash is de-duplicated by the server), and advances ``acked`` on
+  SQLite connection (WAL lets it read beside the writer), publishes them oldest first, and advances ``acked`` on
   JetStream's publish acks; the loop records ``acked`` in the store (``record``), at most every half second: a
-  crash resends at most that much, which the server and the centre's unique key both drop.
+  crash resends at most that much, which the centre's unique key ``(station, sensor, seq)`` drops.
 - centre: the thread fetches from the durable pull consumer and decodes (malformed messages become quarantine
   rows); the loop stores a batch in one transaction (``pool``), then hands its messages back to be acked.
 - versions: the centre puts each accepted version into the bucket as ``v<N>``; a station's thread polls the bucket
@@ -29,39 +28,35 @@ import sqlite3
 import ssl
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.net.consume import Batch, PoolConsumer
 from daemon.net.versions import BucketVersions
 from daemon.net.wire import (
     EVENTS,
-    QUARANTINE_FRAME_BYTES,
-    WireError,
-    decode_event,
     encode_event,
     output_subject,
 )
 from daemon.ops import logs
 from daemon.ops.config import Network as NetworkConfig
 from daemon.ops.metrics import Metrics
-from daemon.protocol import Output, Pooled, Quarantined
+from daemon.protocol import REFUSED, Output
 from daemon.store.db import Store
 
 
-@dataclass
-class Batch:
-    """Messages fetched at the centre: what to store, what to quarantine, and the messages to ack after."""
+class PlaintextRefused(ConnectionError):
+    pass
 
-    events: list[Pooled] = field(default_factory=list)
-    quarantine: list[Quarantined] = field(default_factory=list)
-    reasons: Counter[str] = field(default_factory=Counter)
-    msgs: list[Any] = field(default_factory=list)
+
+def is_tls(nc: Any) -> bool:
+    """Whether nats-py's connection runs over TLS (its transport's stream carries an SSL object)."""
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    return writer is not None and writer.get_extra_info("ssl_object") is not None
 
 
 # ---- the stage ---------------------------------------------------------------------------------------------------
-class NetworkLink(BucketVersions):
+class NetworkLink(BucketVersions, PoolConsumer):
     """One thread running nats-py. The serving loop calls ``record``, ``pool``, ``take_version``, ``served``,
     ``refused``, ``publish`` and ``offer_version``; none of them waits."""
 
@@ -79,7 +74,7 @@ class NetworkLink(BucketVersions):
         self.versions: queue.Queue[tuple[int, Path]] = queue.Queue()
         # loop → thread
         self.outputs: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
-        self.to_ack: queue.Queue[list[Any]] = queue.Queue()
+        self.to_ack: queue.Queue[list[tuple[Any, bool]]] = queue.Queue()
         self.to_put: queue.Queue[tuple[int, Path]] = queue.Queue()
         self.serving = 0  # the version serving here (int: set atomically)
         self.refused_versions: set[int] = set()
@@ -93,13 +88,18 @@ class NetworkLink(BucketVersions):
 
     def commit(self, store: Store) -> int:
         """Once a turn: record the acked watermark and, at the centre, store the pooled events; how many were stored
-        (0 when the store failed: nothing is acked, and JetStream redelivers)."""
+        (0 when the store failed: nothing is acked, and JetStream redelivers). No error stops the loop: one
+        event's is quarantined by the store (``ingest_pooled``), anything else is logged and redelivered."""
         try:
             self.record(store)
             return self.pool(store)
         except sqlite3.OperationalError as e:
             self.metrics.store_errors.labels("ingest").inc()
             self.log.error("store_failed", error=str(e), detail="network: not acked, JetStream redelivers")
+            return 0
+        except Exception as e:
+            self.metrics.store_errors.labels("ingest").inc()
+            self.log.error("store_failed", error=repr(e)[:300], detail="network: not acked, JetStream redelivers")
             return 0
 
     def record(self, store: Store, force: bool = False) -> None:
@@ -119,10 +119,14 @@ class NetworkLink(BucketVersions):
             except queue.Empty:
                 return stored
             ids = store.ingest_pooled(batch.events, batch.quarantine)
-            self.to_ack.put(batch.msgs)
+            refused = {batch.event_msg[k] for k, i in enumerate(ids) if i == REFUSED}
+            self.to_ack.put([(m, poison or k in refused) for k, (m, poison) in enumerate(batch.msgs)])
             new = sum(i > 0 for i in ids)
             stored += new
             self.metrics.net_pooled.inc(new)
+            if refused:
+                batch.reasons["store"] += len(refused)
+                self.log.warning("network_quarantined", reason="store", events=len(refused))
             for reason, n in batch.reasons.items():
                 self.metrics.net_quarantined.labels(reason).inc(n)
 
@@ -148,6 +152,16 @@ class NetworkLink(BucketVersions):
                 self.outputs.put_nowait((output_subject(self.cfg.station, o), json.dumps(o.to_wire()).encode()))
             except queue.Full:
                 self.metrics.net_outputs.labels("dropped").inc()
+
+    def diversity(self, summary: dict[str, Any]) -> None:
+        """Station: a closed window's diversity summary on ``wingbeat.diversity.<station>`` (core NATS, at most
+        once, beside the outputs; counted with them in wingbeat_network_outputs_total)."""
+        if self.centre:
+            return
+        try:
+            self.outputs.put_nowait((f"wingbeat.diversity.{self.cfg.station}", json.dumps(summary).encode()))
+        except queue.Full:
+            self.metrics.net_outputs.labels("dropped").inc()
 
     def offer_version(self, n: int, path: Path) -> None:
         """Centre: put an accepted (or restored) version into the bucket."""
@@ -185,12 +199,18 @@ class NetworkLink(BucketVersions):
             opts["user_credentials"] = c.creds
         if c.nkey:
             opts["nkeys_seed"] = c.nkey
-        if c.tls_ca or c.tls_cert or any(u.strip().startswith("tls://") for u in c.nats.split(",")):
+        if self.wants_tls():
             ctx = ssl.create_default_context(cafile=c.tls_ca or None)
             if c.tls_cert:
                 ctx.load_cert_chain(c.tls_cert, c.tls_key)
             opts["tls"] = ctx
         return opts
+
+    def wants_tls(self) -> bool:
+        """``tls://``, a CA or a client certificate: TLS or no connection (nats-py alone would talk plain TCP to a
+        server that does not ask for TLS)."""
+        c = self.cfg
+        return bool(c.tls_ca or c.tls_cert or any(u.strip().startswith("tls://") for u in c.nats.split(",")))
 
     async def _run(self) -> None:
         gauges = None if self.centre else asyncio.create_task(self._outbox_gauges())
@@ -228,6 +248,10 @@ class NetworkLink(BucketVersions):
             await changed(False)
 
         async def reconnected() -> None:
+            if self.wants_tls() and nc is not None and not is_tls(nc):
+                self.log.error("network_refused_plaintext", nats=self.cfg.nats, detail="reconnected without TLS")
+                await nc.close()  # the link stays down: TLS or no connection
+                return
             await changed(True)
 
         async def on_error(e: Exception) -> None:
@@ -243,9 +267,14 @@ class NetworkLink(BucketVersions):
                     reconnected_cb=reconnected,
                     error_cb=on_error,
                 )
+                if self.wants_tls() and not is_tls(nc):
+                    await nc.close()
+                    nc = None
+                    raise PlaintextRefused(f"{self.cfg.nats}: the server did not take TLS; not connecting in plain")
             except Exception as e:
                 if due := self.warn.due(("connect",), 1):
-                    self.log.warning("network_unreachable", nats=self.cfg.nats, error=repr(e), times=due)
+                    event = "network_refused_plaintext" if isinstance(e, PlaintextRefused) else "network_unreachable"
+                    self.log.warning(event, nats=self.cfg.nats, error=repr(e), times=due)
                 await asyncio.sleep(1.0)
         if nc is None:
             return
@@ -310,7 +339,9 @@ class NetworkLink(BucketVersions):
                 return False
             msgs = [encode_event(self.cfg.station, r, self.features or {}) for r in rows]
             acks = await asyncio.gather(
-                *(js.publish(s, b, timeout=5, headers={"Nats-Msg-Id": i}) for s, b, i in msgs),
+                # no Nats-Msg-Id: the server's de-duplication compares IDs alone, so another station's forged ID
+                # could make it drop this event; the centre's unique key (station, sensor, seq) drops resends
+                *(js.publish(s, b, timeout=5) for s, b, _ in msgs),
                 return_exceptions=True,
             )
             mark, ok = self.acked, 0
@@ -329,53 +360,6 @@ class NetworkLink(BucketVersions):
             await self._retrying("forward", step)
         finally:
             db.close()
-
-    # centre: the pooled store and the bucket
-    async def _consume(self, js: Any) -> None:
-        from nats.errors import TimeoutError as NatsTimeout
-        from nats.js.api import AckPolicy, ConsumerConfig
-
-        sub = None
-
-        async def step() -> bool:
-            nonlocal sub
-            while True:  # ack what the loop committed
-                try:
-                    msgs = self.to_ack.get_nowait()
-                except queue.Empty:
-                    break
-                for m in msgs:
-                    await m.ack()
-            if sub is None:
-                await self._ensure_stream(js)
-                cfg = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=60, max_ack_pending=20_000)
-                c = self.cfg
-                sub = await js.pull_subscribe(f"{EVENTS}.>", durable=c.durable, stream=c.stream, config=cfg)
-            if self.pooled.full():
-                return False
-            try:
-                msgs = await sub.fetch(256, timeout=0.5)
-            except NatsTimeout:
-                return True
-            batch = Batch(msgs=msgs)
-            for m in msgs:
-                try:
-                    batch.events.append(decode_event(m.data, self.features))
-                except WireError as e:
-                    batch.reasons[e.reason] += 1
-                    batch.quarantine.append(
-                        Quarantined(e.reason, e.detail, None, None, m.data[:QUARANTINE_FRAME_BYTES], "nats")
-                    )
-            self.pooled.put(batch, timeout=1.0)  # the loop drains it; full only if the loop is stuck
-            return True
-
-        await self._retrying("consume", step)
-        try:  # stopping: ack what the loop committed last (what is missed is redelivered and found stored)
-            while True:
-                for m in self.to_ack.get_nowait():
-                    await m.ack()
-        except (queue.Empty, Exception):
-            pass
 
     async def _outputs(self, nc: Any) -> None:
         async def step() -> bool:

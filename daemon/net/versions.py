@@ -1,16 +1,22 @@
 """Model versions through the network's object store bucket (DESIGN §9, docs/network.md): the centre puts each
 accepted version as ``v<N>`` and keeps the newest ``keep_versions``; a station polls the bucket and downloads a
-newer version than it serves. Coroutines of ``daemon.net.link.NetworkLink``'s thread, kept in their own module."""
+newer version than it serves. A version that fails a check (its size in the listing or as fetched, the
+object's digest, its unpacking) is refused once: counted in ``wingbeat_network_versions_refused_total{reason}``,
+logged, and never fetched again. Coroutines of ``daemon.net.link.NetworkLink``'s thread, kept in their own module."""
 
 from __future__ import annotations
 
 import asyncio
 import queue
+import tarfile
 from pathlib import Path
 from typing import Any
 
 from daemon.net.wire import MAX_VERSION_BYTES, VERSION_NAME, pack_version, stale_versions, unpack_version
 from daemon.ops.config import Network as NetworkConfig
+from daemon.ops.metrics import Metrics
+
+REFUSALS = ("size", "digest", "unpack")  # why a station refuses a version from the bucket
 
 
 class BucketVersions:
@@ -23,6 +29,7 @@ class BucketVersions:
     versions: queue.Queue[tuple[int, Path]]
     to_put: queue.Queue[tuple[int, Path]]
     log: Any
+    metrics: Metrics
 
     async def _retrying(self, what: str, step: Any) -> None:
         raise NotImplementedError  # NetworkLink's
@@ -54,20 +61,38 @@ class BucketVersions:
                 if "no objects" in str(e).lower() or type(e).__name__ == "NotFoundError":
                     return True
                 raise
-            names = [int(m.group(1)) for i in infos if not i.deleted and (m := VERSION_NAME.fullmatch(i.name))]
-            newest = max(names, default=0)
+            sizes = {int(m.group(1)): i.size for i in infos if not i.deleted and (m := VERSION_NAME.fullmatch(i.name))}
+            newest = max(sizes, default=0)
             if newest <= self.serving or newest in self.refused_versions:
                 return True
-            res = await obs.get(f"v{newest}")  # the client checks the object's SHA-256 digest
+            size = sizes[newest] or 0
+            if size > MAX_VERSION_BYTES:  # from the listing: never downloaded
+                return self._refuse(newest, "size", f"{size} bytes in the listing (max {MAX_VERSION_BYTES})")
+            from nats.js.errors import DigestMismatchError
+
+            try:
+                res = await obs.get(f"v{newest}")  # the client checks the object's SHA-256 digest
+            except DigestMismatchError:
+                return self._refuse(newest, "digest", "the object's SHA-256 digest does not match its chunks")
             if len(res.data) > MAX_VERSION_BYTES:
-                raise ValueError(f"version v{newest} is {len(res.data)} bytes")
-            path = unpack_version(res.data, incoming / f"v{newest}")
+                return self._refuse(newest, "size", f"{len(res.data)} bytes fetched (max {MAX_VERSION_BYTES})")
+            try:
+                path = unpack_version(res.data, incoming / f"v{newest}")
+            except (tarfile.TarError, ValueError, EOFError) as e:  # not OSError: a full disk is no fault of the version
+                return self._refuse(newest, "unpack", str(e)[:200])
             self.refused_versions.add(newest)  # offered once; ``served`` moves ``serving`` past it
             self.versions.put((newest, path))
             self.log.info("network_version", model_version=newest, bytes=len(res.data))
             return True
 
         await self._retrying("versions", step)
+
+    def _refuse(self, n: int, reason: str, detail: str) -> bool:
+        """Refuse version ``n`` for good: counted and logged once, never fetched again."""
+        self.refused_versions.add(n)
+        self.metrics.net_versions_refused.labels(reason).inc()
+        self.log.error("network_version_refused", model_version=n, reason=reason, detail=detail)
+        return True
 
     async def _put_versions(self, js: Any) -> None:
         from nats.js.api import ObjectMeta

@@ -17,7 +17,9 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from daemon.protocol import DTYPES, SENSOR_RE, Output, Pooled
+import numpy as np
+
+from daemon.protocol import DTYPES, INT_BOUND, SENSOR_RE, Limits, Output, Pooled, json_problem
 from model.checkpoint import FILES
 
 WIRE_VERSION = 1
@@ -28,7 +30,13 @@ VERSION_NAME = re.compile(r"v(\d+)")
 MAX_HEADER_BYTES = 16_384
 MAX_VERSION_BYTES = 512 * 1024**2
 QUARANTINE_FRAME_BYTES = 65_536
-REASONS = ("frame", "json", "header", "features", "raw")  # why the centre quarantines a message
+MAX_BINS = 65_536  # feature bins per channel
+LIMITS = Limits()  # the local codec's bounds on channels and samples hold for pooled events too
+# why the centre quarantines a message: "subject" = the body's station or sensor, or the message ID, is not the
+# subject's; "encoding"/"nesting" as in ``daemon.protocol.json_problem``; "store" = the pooled store refused it
+# "decode" = decoding raised something else (a bug's, quarantined all the same)
+REASONS = ("frame", "json", "header", "features", "raw", "subject", "encoding", "nesting", "store", "decode")
+MAX_DELIVER = 20  # deliveries of one message at the centre before JetStream gives up on it
 
 
 class WireError(ValueError):
@@ -65,9 +73,27 @@ def encode_event(station: str, row: tuple[Any, ...], features: dict[str, Any]) -
     return f"{EVENTS}.{station}.{sensor}", body, msg_id(station, sensor, seq)
 
 
-def decode_event(body: bytes, features: dict[str, Any] | None) -> Pooled:
+def subject_names(subject: str) -> tuple[str, str] | None:
+    """(station, sensor) of an event subject ``wingbeat.events.<station>.<sensor>``, or None."""
+    prefix = EVENTS + "."
+    if not subject.startswith(prefix):
+        return None
+    station, _, sensor = subject[len(prefix) :].partition(".")
+    if not STATION_RE.fullmatch(station) or not SENSOR_RE.fullmatch(sensor):
+        return None
+    return station, sensor
+
+
+def decode_event(
+    body: bytes, features: dict[str, Any] | None, subject: str | None = None, message_id: str | None = None
+) -> Pooled:
     """An event message back into a store row; WireError names what is wrong. ``features``: the feature config
-    this store's events were made with (None: any)."""
+    this store's events were made with (None: any).
+
+    ``subject``: where the message was published. The station is the subject's (the server's permissions let a
+    station's credentials publish only on its own subjects); a body naming another station or sensor is refused,
+    and so is a ``message_id`` other than the one built from the subject and the body's ``seq``. Never raises
+    anything but WireError."""
     if len(body) < 4:
         raise WireError("frame", f"{len(body)} bytes, shorter than the header length")
     n = int.from_bytes(body[:4], "big")
@@ -75,10 +101,13 @@ def decode_event(body: bytes, features: dict[str, Any] | None) -> Pooled:
         raise WireError("frame", f"header length {n} does not fit a body of {len(body)} bytes")
     try:
         h = json.loads(body[4 : 4 + n])
-    except (UnicodeDecodeError, ValueError) as e:
-        raise WireError("json", f"header is not UTF-8 JSON: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also an int of > 4300 digits
+        raise WireError("json", f"header is not UTF-8 JSON: {str(e)[:120]}") from None
     if not isinstance(h, dict) or h.get("v") != WIRE_VERSION:
         raise WireError("header", f"not a version {WIRE_VERSION} header")
+    problem = json_problem(h)
+    if problem is not None:
+        raise WireError(*problem)
 
     def want(key: str, kind: type | tuple[type, ...]) -> Any:
         v = h.get(key)
@@ -91,15 +120,27 @@ def decode_event(body: bytes, features: dict[str, Any] | None) -> Pooled:
         raise WireError("header", f"station: not [A-Za-z0-9_-]{{1,64}}: {station!r}"[:200])
     if not SENSOR_RE.fullmatch(sensor):
         raise WireError("header", f"sensor: not a sensor name: {sensor!r}"[:200])
-    seq, t0, fs = want("seq", int), want("t0_ns", int), float(want("fs", (int, float)))
+    seq, t0, fs = want("seq", int), want("t0_ns", int), want("fs", (int, float))
     dtype, channels, n_samples = want("dtype", str), want("channels", int), want("n_samples", int)
     label, meta, feat = want("label", str), want("meta", dict), want("features", dict)
     raw_bytes = want("raw_bytes", int)
-    if seq < 0 or fs <= 0 or channels < 1 or n_samples < 1 or dtype not in DTYPES or raw_bytes < 0:
-        raise WireError("header", "seq, fs, channels, n_samples, dtype or raw_bytes out of range")
+    if not (0 <= seq < INT_BOUND and 0 <= t0 < INT_BOUND and 0 < fs <= 1e7):
+        raise WireError("header", "seq and t0_ns must lie in [0, 2^63), fs in (0, 1e7] Hz")
+    if not (1 <= channels <= LIMITS.max_channels and 1 <= n_samples <= LIMITS.max_samples and dtype in DTYPES):
+        raise WireError("header", f"channels (1–{LIMITS.max_channels}), n_samples or dtype out of range")
+    if not 0 <= raw_bytes <= LIMITS.max_message_bytes or len(label) > 128:
+        raise WireError("header", "raw_bytes or label out of range")
+    if subject is not None:
+        names = subject_names(subject)
+        if names != (station, sensor):
+            raise WireError("subject", f"body says {station}/{sensor}, subject is {subject[:160]!r}")
+    if message_id is not None and message_id != msg_id(station, sensor, seq):
+        raise WireError("subject", f"message ID {message_id[:160]!r} is not {msg_id(station, sensor, seq)!r}")
     shape = feat.get("shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
         raise WireError("features", f"shape: must be [channels, bins], got {shape!r}"[:200])
+    if shape[0] != channels or shape[1] > MAX_BINS:
+        raise WireError("features", f"shape {shape} for {channels} channels (at most {MAX_BINS} bins)")
     if features is not None and feat.get("config") != features:
         raise WireError("features", f"made with {feat.get('config')!r}, this store's with {features!r}"[:300])
     size = shape[0] * shape[1] * 4
@@ -108,8 +149,10 @@ def decode_event(body: bytes, features: dict[str, Any] | None) -> Pooled:
     if raw_bytes and raw_bytes != channels * n_samples * DTYPES[dtype].itemsize:
         raise WireError("raw", f"{raw_bytes} bytes of raw samples for {channels} × {n_samples} {dtype}")
     data = body[4 + n : 4 + n + size]
+    if not np.isfinite(np.frombuffer(data, "<f4")).all():
+        raise WireError("features", "features contain NaN or Inf")
     raw = body[4 + n + size :] if raw_bytes else None
-    return Pooled(station, sensor, seq, t0, fs, dtype, channels, n_samples, label, meta, data, raw)
+    return Pooled(station, sensor, seq, t0, float(fs), dtype, channels, n_samples, label, meta, data, raw)
 
 
 def stale_versions(names: list[str], keep: int) -> list[str]:

@@ -109,6 +109,14 @@ class Network:
 
 
 @dataclass(frozen=True)
+class Diversity:
+    """Live diversity (docs/diversity.md): summaries at each close of a UTC window of wall-clock time."""
+
+    summary_every_s: int = 3600  # the short summary window (3600: each UTC hour); a divisor of 86400
+    summary_day: bool = True  # also a summary of each UTC day
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: str = "wingbeat-state"
     model: str = ""  # a model version directory to start from ("" = the newest good one in the state, or none)
@@ -119,6 +127,7 @@ class Config:
     training: Training = field(default_factory=Training)
     security: Security = field(default_factory=Security)
     network: Network = field(default_factory=Network)
+    diversity: Diversity = field(default_factory=Diversity)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,6 +178,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "network.stream": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v), "must be [A-Za-z0-9_-]{1,64}"),
     "network.bucket": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v), "must be [A-Za-z0-9_-]{1,64}"),
     "network.durable": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v), "must be [A-Za-z0-9_-]{1,64}"),
+    "diversity.summary_every_s": (lambda v: v >= 1 and 86400 % v == 0, "must be ≥ 1 and divide 86400 (one day)"),
 }
 
 

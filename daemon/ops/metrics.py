@@ -181,10 +181,54 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.net_versions_refused = Counter(
+            "wingbeat_network_versions_refused_total",
+            "Station: model versions in the bucket refused (size, digest, unpack), each once and never fetched again.",
+            ["reason"],
+            registry=r,
+        )
         self.net_outputs = Counter(
             "wingbeat_network_outputs_total",
             "Station: outputs for NATS subjects wingbeat.out.<station>.<cluster>, published or dropped.",
             ["outcome"],
+            registry=r,
+        )
+        # live diversity over rolling windows of arrival time (daemon.serve.live_diversity, docs/diversity.md)
+        self.diversity = Gauge(
+            "wingbeat_diversity",
+            "Observed Hill number of order q (0 richness, 1 exp Shannon, 2 inverse Simpson) of the served clusters' "
+            "abundances in the rolling window; novel events excluded.",
+            ["q", "window"],
+            registry=r,
+        )
+        self.diversity_estimated = Gauge(
+            "wingbeat_diversity_estimated",
+            "Estimated (asymptotic: Chao1, Chao et al. 2013, unbiased inverse Simpson) Hill number of order q in the "
+            "rolling window.",
+            ["q", "window"],
+            registry=r,
+        )
+        self.coverage = Gauge(
+            "wingbeat_sample_coverage",
+            "Estimated sample coverage (Chao & Jost 2012) of the rolling window; NaN while it holds no event.",
+            ["window"],
+            registry=r,
+        )
+        self.abundance = Gauge(
+            "wingbeat_cluster_abundance",
+            "Events of each of the serving version's clusters in the rolling window.",
+            ["cluster", "window"],
+            registry=r,
+        )
+        self.window_novel = Gauge(
+            "wingbeat_diversity_novel_events",
+            "Novel events (no cluster) in the rolling window.",
+            ["window"],
+            registry=r,
+        )
+        self.new_clusters = Counter(
+            "wingbeat_model_new_clusters_total",
+            "Clusters a newly serving version has that no version served before it in this process.",
             registry=r,
         )
         self.up_since = Gauge("wingbeat_start_time_seconds", "When the daemon started.", registry=r)
@@ -207,8 +251,11 @@ class Metrics:
             self.models_rejected.labels(why)
         for op in ("ingest", "outputs", "retention"):
             self.store_errors.labels(op)
-        for why in ("frame", "json", "header", "features", "raw"):  # daemon.net.link.REASONS
+        # daemon.net.wire.REASONS
+        for why in ("frame", "json", "header", "features", "raw", "subject", "encoding", "nesting", "store", "decode"):
             self.net_quarantined.labels(why)
+        for why in ("size", "digest", "unpack"):  # daemon.net.versions.REFUSALS
+            self.net_versions_refused.labels(why)
         for outcome in ("published", "dropped"):
             self.net_outputs.labels(outcome)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from daemon.protocol import Ack, Decoded, Event, Output, Quarantined, Received, Reject, Settled
+from daemon.protocol import REFUSED, Ack, Decoded, Event, Output, Quarantined, Received, Reject, Settled
 from model.checkpoint import ModelVersion
 from model.cluster import NOVEL
 from model.predict import predict
@@ -135,11 +135,17 @@ def process(
 
 
 def settle(p: Processed, ids: list[int]) -> Settled:
-    """After the commit: ID −1 means the store had that ``(sensor, seq)`` already (a resend)."""
+    """After the commit: ID −1 means the store had that ``(sensor, seq)`` already (a resend); ``REFUSED`` (−2)
+    that the store could not hold the event and quarantined it: rejected, for good."""
     stored: list[tuple[Received, Event, int]] = []
     acks = list(p.acks)
     outputs: list[Output] = []
+    refused: list[tuple[Received, Reject]] = []
     for k, ((r, e), eid) in enumerate(zip(p.events, ids, strict=True)):
+        if eid == REFUSED:
+            refused.append((r, Reject("store", "the store could not hold it; quarantined", e.sensor, e.seq)))
+            acks.append(Ack(r, e.sensor, e.seq, "rejected", "store"))
+            continue
         if eid < 0:
             acks.append(Ack(r, e.sensor, e.seq, "duplicate"))
             continue
@@ -147,7 +153,7 @@ def settle(p: Processed, ids: list[int]) -> Settled:
         acks.append(Ack(r, e.sensor, e.seq, "stored"))
         if p.outputs is not None:
             outputs.append(replace(p.outputs[k], event_id=eid))
-    return Settled(stored, acks, outputs)
+    return Settled(stored, acks, outputs, refused)
 
 
 def outputs_for(
@@ -158,24 +164,24 @@ def outputs_for(
     no cluster."""
     pred = predict(model, x[ok]) if ok.any() else None
     out: list[Output] = []
-    j = 0
+    # Python numbers for the whole batch at once (``tolist``): the same values as per-element int() / float(),
+    # without a numpy scalar for each
+    cols = (
+        zip(
+            pred.cluster.tolist(),
+            pred.probability.tolist(),
+            pred.novelty.tolist(),
+            pred.rec_error.tolist(),
+            pred.latent.tolist(),
+            strict=True,
+        )
+        if pred is not None
+        else iter(())
+    )
     for (eid, sensor, seq, t0), good in zip(events, ok.tolist(), strict=True):
         if good and pred is not None:
-            out.append(
-                Output(
-                    eid,
-                    sensor,
-                    seq,
-                    t0,
-                    version,
-                    int(pred.cluster[j]),
-                    float(pred.probability[j]),
-                    float(pred.novelty[j]),
-                    float(pred.rec_error[j]),
-                    tuple(pred.latent[j].tolist()),
-                )
-            )
-            j += 1
+            cluster, probability, novelty, rec_error, latent = next(cols)
+            out.append(Output(eid, sensor, seq, t0, version, cluster, probability, novelty, rec_error, tuple(latent)))
         else:
             out.append(Output(eid, sensor, seq, t0, version, NOVEL, 0.0, 1e9, 1e9, ()))
     return out

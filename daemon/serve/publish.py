@@ -10,8 +10,10 @@ de-duplicate by ``event_id``).
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
+from typing import Any
 
 import zmq
 
@@ -21,12 +23,20 @@ from daemon.ops.faults import crash_point
 from daemon.ops.metrics import Metrics
 from daemon.protocol import Output, encode_output
 from daemon.serve.ingest import Secure
+from daemon.serve.live_diversity import LiveDiversity
 from model.cluster import NOVEL
 
 
 class Publisher:
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], cfg: PublishConfig, metrics: Metrics) -> None:
-        self.ctx, self.cfg, self.metrics = ctx, cfg, metrics
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        cfg: PublishConfig,
+        metrics: Metrics,
+        live: LiveDiversity | None = None,
+    ) -> None:
+        self.ctx, self.cfg, self.metrics, self.live = ctx, cfg, metrics, live
+        self.notices: deque[list[bytes]] = deque(maxlen=64)  # diversity summaries a full subscriber could not take
         self.log = logs.get()
         self.queue: deque[Output] = deque()  # oldest first
         self.queued_id = 0  # the newest event ID ever queued: a republish starts after it
@@ -75,6 +85,8 @@ class Publisher:
         for c in live:
             self.metrics.per_cluster.labels(c)
         self.clusters = live
+        if self.live is not None:
+            self.live.serving(ids)
 
     def publish(self, outputs: list[Output]) -> None:
         """Queue outputs for subscribers and send what they can take now."""
@@ -89,6 +101,8 @@ class Publisher:
                 self.metrics.per_cluster.labels(label).inc(n)
         if per_cluster.get(NOVEL):
             self.metrics.novel.inc(per_cluster[NOVEL])
+        if self.live is not None and outputs:
+            self.live.add(per_cluster, {o.model_version for o in outputs}, time.time())
         self.flush()
         over = len(self.queue) - self.cfg.queue_max
         if over > 0:  # a subscriber has been full for long: give up the oldest, say so, never block ingest
@@ -109,6 +123,8 @@ class Publisher:
 
     def flush(self) -> None:
         """Send queued outputs, oldest first, until none is left or a subscriber's queue is full."""
+        if self.notices:
+            self.send_notices()
         now = time.monotonic()
         if now < self.start_at or self.sock is None:
             return
@@ -131,6 +147,28 @@ class Publisher:
         if sent:
             self.metrics.published.inc(sent)
             self.metrics.publish_queue.set(len(self.queue))
+
+    def close_windows(self, now: float) -> list[dict[str, Any]]:
+        """Housekeeping: the live diversity gauges set, and the summaries of the windows closed by ``now`` (s since
+        the epoch) sent on topic ``diversity.<station or "local">``; returns those summaries."""
+        if self.live is None:
+            return []
+        closed = self.live.refresh(now)
+        for body in closed:
+            self.notices.append([self.live.topic.encode(), json.dumps(body).encode()])
+        self.send_notices()
+        return closed
+
+    def send_notices(self) -> None:
+        """Summaries go out as subscribers can take them; the oldest are given up beyond 64 waiting."""
+        if self.sock is None or time.monotonic() < self.start_at:
+            return
+        while self.notices:
+            try:
+                self.sock.send_multipart(self.notices[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.notices.popleft()
 
     def take_published(self) -> list[int]:
         """Event IDs published (or given up) since the last call: the next store transaction marks them. If that

@@ -31,8 +31,10 @@ from daemon.ops.systemd import Watchdog, reloading, sd_notify, watchdog_interval
 from daemon.protocol import Output
 from daemon.serve.housekeeping import Housekeeper, Rate
 from daemon.serve.ingest import Ingest, decode_batch
+from daemon.serve.live_diversity import LiveDiversity
 from daemon.serve.pipeline import Featuriser, Job, outputs_for, process, settle
 from daemon.serve.publish import Publisher
+from daemon.serve.relabel import Relabeller
 from daemon.store.db import Store
 from daemon.store.versions import ModelDir, Refused
 from daemon.train.supervisor import Supervisor
@@ -58,12 +60,14 @@ class Service:
         self.models = ModelDir(self.state / "models", self.store)
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.ingest = Ingest(self.ctx, cfg.ingest, self.metrics, self.store.last_seqs())
-        self.publisher = Publisher(self.ctx, cfg.publish, self.metrics)
+        live = LiveDiversity(cfg.diversity, self.metrics, cfg.network.station)  # gauges and window summaries
+        self.publisher = Publisher(self.ctx, cfg.publish, self.metrics, live)
         self.featuriser = Featuriser(cfg.ingest.featurise_threads)
         self.housekeeper = Housekeeper(self.state, self.store, self.metrics)
         self.supervisor = Supervisor(self.state, cfg, self.store, self.models, self.metrics)
         self.schedule = self.supervisor.schedule
         self.network = NetworkLink(cfg.network, self.state, self.store, self.metrics) if cfg.network.nats else None
+        self.relabeller = Relabeller(self.state, self.store)  # re-labels history for each new version, when idle
         stored = self.store.feature_config()
         self.features = FeatureConfig(**stored) if stored else FeatureConfig()
         self.model: ModelVersion | None = None
@@ -128,6 +132,7 @@ class Service:
         self.metrics.clusters.set(version.clusterer.k)
         self.metrics.beta.set(float(version.manifest.get("beta_schedule", {}).get("beta", 0.0)))
         self.publisher.live_clusters(version.clusterer.ids.tolist())
+        self.relabeller.serving(n)
         self.schedule.serving(float(gm.get("train_rec") or "nan"))
         ids = version.clusterer.ids.tolist()
         gm_log = {k: v for k, v in gm.items() if k != "device"}
@@ -208,7 +213,7 @@ class Service:
             return
         crash_point("after_commit")  # committed, nothing acked or published yet
         s = settle(p, ids)
-        self.ingest.committed(s, p.rejects, len(job.decoded.received))
+        self.ingest.committed(s, p.rejects + s.refused, len(job.decoded.received))
         self.n_events += len(s.stored)
         self.rate.add(time.monotonic(), len(s.stored))
         for r, _, eid in s.stored:
@@ -292,6 +297,9 @@ class Service:
         if self.security is not None:
             self.security.drain()
         self.publisher.read_subscriptions()
+        for summary in self.publisher.close_windows(time.time()):
+            if self.network is not None:
+                self.network.diversity(summary)
         self.housekeeper.run(self.cfg)
         sd_notify(f"STATUS={self.status_line()}")
         run = self.supervisor.run
@@ -333,6 +341,7 @@ class Service:
             ):
                 self.serve_backlog(budget_s=1.0)
             self.supervisor.stop()
+            self.relabeller.stop()
             if self.network is not None:
                 self.network.stop(self.store)  # outputs queued for NATS go out; the watermark is recorded
             self.featuriser.close()

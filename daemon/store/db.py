@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 
 from daemon.protocol import Event, Output, Quarantined
+from daemon.store.labels import LabelTables
 from daemon.store.models import ModelTables
 from daemon.store.network import NetworkTables
+from daemon.store.rows import REFUSED, each_in_savepoint, insert_quarantine_rows, output_row, refused_row
 from daemon.store.schema import DB_NAME, MIGRATIONS, SCHEMA, SCHEMA_VERSION, Checkpointer
 
-__all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "Pending", "Store", "StoreError"]
+__all__ = ["DB_NAME", "MIGRATIONS", "REFUSED", "SCHEMA_VERSION", "Pending", "Store", "StoreError"]
 
 INSERT_OUTPUT = (
     "INSERT OR IGNORE INTO outputs (event_id, model_version, cluster, probability, novelty, rec_error, latent)"
@@ -46,11 +48,7 @@ class Pending:
     ok: np.ndarray  # (events,) bool: the features have the model's ``n_features`` values
 
 
-def _output_row(o: Output, event_id: int) -> tuple[Any, ...]:
-    return (event_id, o.model_version, o.cluster, o.probability, o.novelty, o.rec_error, json.dumps(list(o.latent)))
-
-
-class Store(ModelTables, NetworkTables):
+class Store(ModelTables, NetworkTables, LabelTables):
     def __init__(
         self,
         state_dir: Path,
@@ -141,61 +139,77 @@ class Store(ModelTables, NetworkTables):
         mark_published: list[int] | None = None,
     ) -> list[int]:
         """Store a batch of new events with their features (channels, bins) and rejected messages in one
-        transaction; return event IDs.
+        transaction; return event IDs. Events whose (sensor, seq) is stored already are skipped (ID -1).
+        ``outputs`` (one per event, ``event_id`` ignored) are stored with the events they belong to, and
+        ``mark_published`` outputs are marked, in the same transaction: one commit per batch when the loop is
+        caught up. Raises on disk errors (``sqlite3.OperationalError``), having rolled back: nothing of the batch
+        is stored, so nothing of it may be acked. Any other error is one event's: the batch is stored again event
+        by event, and an event the store cannot hold is quarantined (reason ``store``) with the ID ``REFUSED``,
+        to be acked as rejected."""
+        try:
+            return self._ingest(events, features, rejects, keep_raw, outputs, mark_published)
+        except sqlite3.OperationalError:
+            raise
+        except Exception:  # rolled back; found below, event by event
+            return self._ingest(events, features, rejects, keep_raw, outputs, mark_published, one_by_one=True)
 
-        Events whose (sensor, seq) is stored already are skipped (their ID is -1). ``outputs`` (one per event,
-        ``event_id`` ignored) are stored with the events they belong to, and ``mark_published`` outputs are
-        marked, in the same transaction: one commit per batch when the loop is caught up. Raises on disk errors,
-        having rolled back: nothing of the batch is stored, so nothing of it may be acked.
-        """
+    def _ingest(
+        self,
+        events: list[Event],
+        features: list[np.ndarray],
+        rejects: list[Quarantined],
+        keep_raw: bool,
+        outputs: list[Output] | None,
+        mark_published: list[int] | None,
+        one_by_one: bool = False,
+    ) -> list[int]:
         now = time.time_ns()
         ids: list[int] = []
         feature_rows: list[tuple[int, bytes]] = []
         raw: list[tuple[int, bytes]] = []
         out_rows: list[tuple[Any, ...]] = []
         added = 0
+
+        def insert(k: int) -> int:
+            nonlocal added
+            e = events[k]
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO events (sensor, seq, t0_ns, fs, dtype, channels, n_samples, label, meta,"
+                " received_ns) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (e.sensor, e.seq, e.t0_ns, e.fs, e.dtype, e.channels, int(e.samples.shape[-1]), e.label,
+                 json.dumps(e.meta), now),
+            )  # fmt: skip
+            if cur.rowcount == 0:
+                return -1
+            eid = int(cur.lastrowid or 0)
+            feature_rows.append((eid, np.ascontiguousarray(features[k], np.float32).tobytes()))
+            samples = e.samples.tobytes() if keep_raw else b""
+            raw.extend([(eid, samples)] if keep_raw else [])
+            out_rows.extend([output_row(outputs[k], eid)] if outputs is not None else [])
+            if one_by_one:  # this event's rows now, so that a failure rolls back with its savepoint
+                self._flush(feature_rows, raw, out_rows)
+            added += len(samples)
+            return eid
+
         with self._tx():
-            for k, e in enumerate(events):
-                cur = self.db.execute(
-                    "INSERT OR IGNORE INTO events (sensor, seq, t0_ns, fs, dtype, channels, n_samples, label, meta,"
-                    " received_ns) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        e.sensor,
-                        e.seq,
-                        e.t0_ns,
-                        e.fs,
-                        e.dtype,
-                        e.channels,
-                        int(e.samples.shape[-1]),
-                        e.label,
-                        json.dumps(e.meta),
-                        now,
-                    ),
-                )
-                if cur.rowcount == 0:
-                    ids.append(-1)
-                    continue
-                eid = int(cur.lastrowid or 0)
-                ids.append(eid)
-                feature_rows.append((eid, np.ascontiguousarray(features[k], np.float32).tobytes()))
-                if keep_raw:
-                    samples = e.samples.tobytes()
-                    raw.append((eid, samples))
-                    added += len(samples)
-                if outputs is not None:
-                    out_rows.append(_output_row(outputs[k], eid))
-            self.db.executemany("INSERT INTO features VALUES (?, ?)", feature_rows)
-            self.db.executemany("INSERT INTO raw VALUES (?, ?)", raw)
-            self.db.executemany(INSERT_OUTPUT, out_rows)
+            if one_by_one:
+                ids = each_in_savepoint(self.db, len(events), insert, lambda k, err: refused_row(events[k], now, err))
+            else:
+                ids = [insert(k) for k in range(len(events))]
+            self._flush(feature_rows, raw, out_rows)
             self.db.executemany(MARK_PUBLISHED, [(i,) for i in mark_published or []])
-            self.db.executemany(
-                "INSERT INTO quarantine (received_ns, reason, detail, sensor, seq, frames, endpoint)"
-                " VALUES (?,?,?,?,?,?,?)",
-                [(now, *q) for q in rejects],
-            )
+            insert_quarantine_rows(self.db, [(now, *q) for q in rejects])
         if self._raw_bytes is not None:
             self._raw_bytes += added
         return ids
+
+    def _flush(self, features: list[Any], raw: list[Any], outputs: list[Any]) -> None:
+        try:
+            self.db.executemany("INSERT INTO features VALUES (?, ?)", features)
+            self.db.executemany("INSERT INTO raw VALUES (?, ?)", raw)
+            self.db.executemany(INSERT_OUTPUT, outputs)
+        finally:
+            del features[:], raw[:], outputs[:]
 
     # ---- outputs ------------------------------------------------------------------------------------------
     def last_output_id(self) -> int:
@@ -220,7 +234,7 @@ class Store(ModelTables, NetworkTables):
     def add_outputs(self, outputs: list[Output], mark_published: list[int] | None = None) -> None:
         """Store outputs and, in the same transaction, mark earlier ones as published."""
         with self._tx():
-            self.db.executemany(INSERT_OUTPUT, [_output_row(o, o.event_id) for o in outputs])
+            self.db.executemany(INSERT_OUTPUT, [output_row(o, o.event_id) for o in outputs])
             self.db.executemany(MARK_PUBLISHED, [(i,) for i in mark_published or []])
 
     def unpublished(self, limit: int, after_id: int = 0) -> list[Output]:
@@ -276,7 +290,8 @@ class Store(ModelTables, NetworkTables):
         values, counts = np.unique(sizes, return_counts=True)
         rows = [r for r, n in zip(rows, sizes, strict=True) if n == values[np.argmax(counts)]]  # one channel count
         x = np.stack([np.frombuffer(r[1], np.float32) for r in rows])
-        return np.array([r[0] for r in rows], np.int64), x, np.array([r[2] for r in rows])
+        ok = np.isfinite(x).all(axis=1)  # one NaN vector (a store written before the checks) would poison training
+        return np.array([r[0] for r in rows], np.int64)[ok], x[ok], np.array([r[2] for r in rows])[ok]
 
     def outputs_for(self, event_ids: np.ndarray) -> np.ndarray:
         """Stored cluster of each event (NOVEL = -1 where an event has no output)."""

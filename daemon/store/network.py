@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from daemon.protocol import Pooled, Quarantined
+from daemon.store.rows import each_in_savepoint, insert_quarantine_rows, safe_int, snapshot, what
 
 
 class NetworkTables:
@@ -24,32 +25,52 @@ class NetworkTables:
     # ---- the network (daemon.net.link): the station's outbox, the centre's pooled events ----------------------
     def ingest_pooled(self, events: list[Pooled], rejects: list[Quarantined]) -> list[int]:
         """Store events forwarded by stations, with their features, and malformed messages, in one transaction;
-        return event IDs (−1: that (station, sensor, seq) is stored already, a redelivery)."""
+        return event IDs (−1: that (station, sensor, seq) is stored already, a redelivery; ``REFUSED``: the store
+        could not hold that event and quarantined it instead). Disk and locking errors raise, having rolled back;
+        any other is one event's, found by storing the batch again event by event."""
+        try:
+            return self._ingest_pooled(events, rejects, one_by_one=False)
+        except sqlite3.OperationalError:
+            raise
+        except Exception:
+            return self._ingest_pooled(events, rejects, one_by_one=True)
+
+    def _ingest_pooled(self, events: list[Pooled], rejects: list[Quarantined], one_by_one: bool) -> list[int]:
         now = time.time_ns()
-        ids: list[int] = []
+        added = 0
+
+        def insert(k: int) -> int:
+            nonlocal added
+            p = events[k]
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO events (station, sensor, seq, t0_ns, fs, dtype, channels, n_samples, label,"
+                " meta, received_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (p.station, p.sensor, p.seq, p.t0_ns, p.fs, p.dtype, p.channels, p.n_samples, p.label,
+                 json.dumps(p.meta), now),
+            )  # fmt: skip
+            if cur.rowcount == 0:
+                return -1
+            eid = int(cur.lastrowid or 0)
+            self.db.execute("INSERT INTO features VALUES (?, ?)", (eid, p.features))
+            if p.raw is not None:
+                self.db.execute("INSERT INTO raw VALUES (?, ?)", (eid, p.raw))
+                added += len(p.raw)
+            return eid
+
+        def refused(k: int, err: BaseException) -> tuple[Any, ...]:
+            p = events[k]
+            fields = {"station": p.station, "sensor": p.sensor, "seq": p.seq, "label": p.label, "meta": p.meta}
+            sensor = p.sensor if isinstance(p.sensor, str) and p.sensor.isascii() else None
+            return (now, "store", what(err), sensor, safe_int(p.seq), snapshot(fields, 4096), "nats")
+
         with self._tx():
-            for p in events:
-                cur = self.db.execute(
-                    "INSERT OR IGNORE INTO events (station, sensor, seq, t0_ns, fs, dtype, channels, n_samples, label,"
-                    " meta, received_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (p.station, p.sensor, p.seq, p.t0_ns, p.fs, p.dtype, p.channels, p.n_samples, p.label,
-                     json.dumps(p.meta), now),
-                )  # fmt: skip
-                if cur.rowcount == 0:
-                    ids.append(-1)
-                    continue
-                eid = int(cur.lastrowid or 0)
-                ids.append(eid)
-                self.db.execute("INSERT INTO features VALUES (?, ?)", (eid, p.features))
-                if p.raw is not None:
-                    self.db.execute("INSERT INTO raw VALUES (?, ?)", (eid, p.raw))
-                    if self._raw_bytes is not None:
-                        self._raw_bytes += len(p.raw)
-            self.db.executemany(
-                "INSERT INTO quarantine (received_ns, reason, detail, sensor, seq, frames, endpoint)"
-                " VALUES (?,?,?,?,?,?,?)",
-                [(now, *q) for q in rejects],
-            )
+            if one_by_one:
+                ids = each_in_savepoint(self.db, len(events), insert, refused)
+            else:
+                ids = [insert(k) for k in range(len(events))]
+            insert_quarantine_rows(self.db, [(now, *q) for q in rejects])
+        if self._raw_bytes is not None:
+            self._raw_bytes += added
         return ids
 
     def forwarded(self) -> int:

@@ -2,7 +2,8 @@
 accepted recording, unique by station, sensor and seq; station '' for the daemon's own events, a station's name
 for events pooled at the centre), ``raw`` (samples, own table, pruned by retention), ``features``
 (written in the same transaction as the event), ``outputs`` (one per event, in event order), ``models``,
-``quarantine``, and ``meta`` (schema version, how the features were made)."""
+``quarantine``, ``labels`` (the serving version's clusters for events another version served: history re-labelled
+in the background, ``daemon.serve.relabel``), and ``meta`` (schema version, how the features were made)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,17 @@ import sqlite3
 import threading
 from pathlib import Path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DB_NAME = "wingbeat.sqlite"
+
+# Clusters by model version: ``labels`` holds what a version gave events that another version served (rows of the
+# serving version, and of older ones until pruned); ``outputs_by_version`` covers (version, event, cluster), so that
+# the window counts (``daemon.report.windows``) read neither table's rows. Both are appended to in event order.
+LABELS = [
+    "CREATE TABLE IF NOT EXISTS labels (version INTEGER NOT NULL, event_id INTEGER NOT NULL, cluster INTEGER NOT NULL,"
+    " PRIMARY KEY (version, event_id)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS outputs_by_version ON outputs (model_version, event_id, cluster)",
+]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,6 +72,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
     endpoint TEXT NOT NULL DEFAULT ''
 );
 """
+SCHEMA += "".join(f"{statement};\n" for statement in LABELS)
 
 # Migrations from version N to N + 1: statements applied in order, all versions in one transaction, after a
 # backup copy of the database (``wingbeat.sqlite.vN.bak``). Statements, not a script: ``executescript`` commits.
@@ -82,6 +93,9 @@ MIGRATIONS: dict[int, list[str]] = {
         "DROP TABLE events",
         "ALTER TABLE events_v3 RENAME TO events",
     ],
+    # 4: the serving version's labels of history (``labels``), and the published clusters by version in an index
+    # that the window counts read without touching the outputs' latents
+    3: [*LABELS],
 }
 
 

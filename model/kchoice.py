@@ -1,0 +1,77 @@
+"""Choosing and counting clusters without labels (used by ``model.cluster``): Ward cuts scored by the mean
+silhouette, splitting a cut's groups further, and when a cluster counts as present in a window. Pure."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.cluster.hierarchy
+import sklearn.metrics
+
+PRESENT_SHARE = 0.005  # present_min: share of a window's events a cluster needs to count as present
+PRESENT_FLOOR = 2  # … and never fewer events than this
+
+
+def ward_cut(z: np.ndarray, k_max: int, tolerance: float = 0.0) -> tuple[np.ndarray, float]:
+    """Ward's hierarchy over ``z`` (events, dims) cut at the K (2 … k_max) of the highest mean silhouette, or at
+    the largest K whose silhouette is within ``tolerance`` of it: the labels (events,) and the highest silhouette
+    (−1 when no cut into two or more groups exists)."""
+    top = min(k_max, len(z) - 1)
+    cuts: list[tuple[float, np.ndarray]] = []
+    if top >= 2:
+        link = scipy.cluster.hierarchy.linkage(z, "ward")
+        dist = sklearn.metrics.pairwise_distances(z)  # (n, n), once for every cut's silhouette
+        for k in range(2, top + 1):
+            cut = scipy.cluster.hierarchy.fcluster(link, k, "maxclust") - 1
+            if len(np.unique(cut)) < 2:
+                continue
+            cuts.append((float(sklearn.metrics.silhouette_score(dist, cut, metric="precomputed")), cut))
+    if not cuts:
+        return np.zeros(len(z), np.int64), -1.0
+    best = max(score for score, _ in cuts)
+    # cuts come in order of K: the last one close enough to the best is the finest
+    return [cut for score, cut in cuts if score >= best - tolerance][-1], best
+
+
+def split_further(z: np.ndarray, lab: np.ndarray, k_max: int, threshold: float, min_size: int) -> np.ndarray:
+    """Split the groups of a cut (``lab`` over ``z``, events × dims) again while one of them has structure of its
+    own: its events, standardised afresh, cut by ``ward_cut`` with a mean silhouette of at least
+    ``threshold``, and no part smaller than ``min_size`` events (outliers split off score high). At most
+    ``k_max`` groups in all.
+
+    The silhouette of one cut of everything finds the coarsest structure: on a latent where species come in a
+    few families, a cut between the families scores best, and species within a family are never separated.
+    Asked of each group on its own, the same question finds them. Kaufman & Rousseeuw (1990) read a mean
+    silhouette above 0.5 as reasonable structure and above 0.7 as strong.
+    """
+    lab = lab.copy()
+    queue = list(np.unique(lab))
+    while queue and len(np.unique(lab)) < k_max:
+        c = queue.pop(0)
+        idx = np.flatnonzero(lab == c)
+        if len(idx) < 2 * min_size:
+            continue
+        g = z[idx]
+        sd = g.std(axis=0)
+        part, score = ward_cut((g - g.mean(axis=0)) / np.where(sd > 0, sd, 1.0), k_max - len(np.unique(lab)) + 1)
+        if score < threshold or np.bincount(part).min() < min_size:
+            continue
+        fresh = lab.max() + 1
+        for j in range(1, part.max() + 1):
+            lab[idx[part == j]] = fresh + j - 1
+            queue.append(fresh + j - 1)
+        queue.append(c)
+    return lab
+
+
+def present_min(n_events: int, share: float = PRESENT_SHARE, floor: int = PRESENT_FLOOR) -> int:
+    """Events a cluster needs in a window of ``n_events`` to count as present there (richness, q0).
+
+    A misassigned event lands in some other cluster, so on a day when a species is absent its cluster still
+    collects stray events of its neighbours, in proportion to the window's size; one or two such events are
+    not evidence that the species flew. A cluster counts when it holds at least ``floor`` events and at least
+    ``share`` of the window's events (rounded up). q1 and q2 are computed from every count: the strays weigh
+    next to nothing in them.
+    """
+    return max(floor, math.ceil(share * n_events))
