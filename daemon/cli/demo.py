@@ -2,8 +2,10 @@
 
 Starts ``wingbeat run`` in a throw-away state directory on free loopback ports, sends a simulated labelled
 night of insects through the reference sender at a steady rate, and prints once a second what an operator
-watches: events per second, trainings and model versions with β, clusters and their sizes. Ends with ARI/AMI of
-the published clusters against the simulated species, and where the plot, the metrics and the logs are.
+watches: events per second, trainings and model versions with β, clusters and their sizes. Then ARI/AMI of the
+published clusters against the simulated species, and where the plot, the metrics and the logs are. Ends with what
+an ecologist reads: per UTC day of event time, the Hill numbers of the served clusters beside those of the simulated
+species (the truth), and the estimated richness with its interval.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,8 @@ import zmq
 
 from daemon.cli.clients import ReplayResult, events_of, replay
 from daemon.data.datasets import read_recordings
+
+DAY_NS = 86_400 * 10**9
 
 CONFIG = """
 [ingest]
@@ -43,14 +48,18 @@ finetune_every_s = 0.0
 """
 
 
-def run_demo(events: int = 4000, species: int = 6, rate: float = 200.0, labelled: float = 0.1) -> int:
+def run_demo(events: int = 4000, species: int = 6, rate: float = 200.0, labelled: float = 0.1, days: int = 3) -> int:
+    """A deployment of ``days`` UTC days whose community changes by day (species appear and vanish), ``events``
+    insects of ``species`` species in all, sent at ``rate`` events per second (s⁻¹)."""
     root = Path(tempfile.mkdtemp(prefix="wingbeat-demo-"))
     py = [sys.executable, "-m", "daemon.cli"]
     print(f"Wingbeat demo in {root}", flush=True)
     truth_file, sent_file = root / "truth.npz", root / "instrument.npz"
+    sim = ["--events", str(events), "--species", str(species), "--seed", "0", "--days", str(days)]
     subprocess.run(
-        [*py, "simulate", "--out", str(truth_file), "--events", str(events), "--species", str(species), "--seed", "0"],
+        [*py, "simulate", "--out", str(truth_file), *sim, "--community", "changing"],
         check=True,
+        stdout=subprocess.DEVNULL,
     )
     with np.load(truth_file, allow_pickle=False) as d:
         data = dict(d)
@@ -58,7 +67,11 @@ def run_demo(events: int = 4000, species: int = 6, rate: float = 200.0, labelled
     keep = np.random.default_rng(0).random(len(truth)) < labelled  # calibration recordings carry a label
     data["label"] = np.where(keep, truth, "")
     np.savez(sent_file, allow_pickle=False, **data)
-    print(f"simulated {events} events of {species} species; {keep.sum()} of them labelled (calibration)", flush=True)
+    print(
+        f"simulated {len(truth)} events of {len(set(truth.tolist()))} species over {days} UTC days of event time "
+        f"(truth: {truth_file.with_suffix('.truth.json')}); {keep.sum()} of them labelled (calibration)",
+        flush=True,
+    )
     conf = root / "wingbeat.toml"
     conf.write_text(CONFIG.format(first=events // 3, every=events // 3))
     state = root / "state"
@@ -79,7 +92,10 @@ def run_demo(events: int = 4000, species: int = 6, rate: float = 200.0, labelled
             f"daemon up: ingest {eps['ingest']}, publish {eps['publish']}, metrics http://{eps['metrics']}/metrics",
             flush=True,
         )
-        return _watch(root, eps, sent_file, truth, rate, log_path, state)
+        code = _watch(root, eps, sent_file, truth, rate, log_path, state)
+        if code == 0:
+            _diversity_table(state, data["t0_ns"], truth, root)
+        return code
     finally:
         daemon.terminate()
         try:
@@ -217,6 +233,46 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _diversity_table(state: Path, t0_ns: np.ndarray, truth: np.ndarray, root: Path) -> None:
+    """Per UTC day of event time: the Hill numbers of the clusters as the daemon served them (its store) beside
+    those of the simulated species, and the richness estimated from the clusters (Chao1) with its 95 % interval.
+
+    ``t0_ns`` (events,) int64 ns since the epoch and ``truth`` (events,) species names, in the order sent.
+    """
+    from daemon.report.windows import diversity_windows
+    from model.diversity import observed
+
+    served = {w["start"][:10]: w for w in diversity_windows(state, "day", as_served=True)}
+    day_of = (np.asarray(t0_ns, np.int64) // DAY_NS).astype(np.int64)
+    print("\ndiversity per UTC day of event time: clusters found by the daemon vs the simulated species (true)")
+    print("  q0 = richness, q1 = exp(Shannon), q2 = inverse Simpson, in effective numbers of species;")
+    print(
+        "  estimated q0 = Chao1 from the clusters found, with its 95 % bootstrap interval; novel events (−1) left out"
+    )
+    print(f"{'':18}{'q0':^13}{'q1':^15}{'q2':^15}")
+    pairs = f"{'found':>6} {'true':>5} {'found':>7} {'true':>6} {'found':>7} {'true':>6}"
+    print(f"{'day':10} {'events':>6} {pairs}   estimated q0 [95 % CI]")
+    for day in np.unique(day_of):
+        name = datetime.fromtimestamp(int(day) * 86_400, UTC).date().isoformat()
+        _, true_counts = np.unique(truth[day_of == day], return_counts=True)
+        t = observed(true_counts)
+        w = served.get(name)
+        if w is None:  # nothing of that day in the store: the table says so rather than a row of zeros
+            print(f"{name:10} {int((day_of == day).sum()):6d}   (no served events)")
+            continue
+        f, est, (lo, hi) = w["observed"], w["estimated"]["q0"], w["ci95"]["q0"]
+        print(
+            f"{name:10} {int((day_of == day).sum()):6d} {f['q0']:6.0f} {t['q0']:5.0f} {f['q1']:7.2f} {t['q1']:6.2f} "
+            f"{f['q2']:7.2f} {t['q2']:6.2f}   {_num(est)} [{_num(lo)}, {_num(hi)}]"
+        )
+    print(f"more: wingbeat diversity --state {state} --by day")
+    print(f"      wingbeat report --state {state} --out {root / 'report.html'}")
+
+
+def _num(v: float | None) -> str:
+    return "∞" if v is None else f"{v:.1f}"
 
 
 def _offline_vs_served(state: Path, data: Path, latest: dict[int, dict[str, Any]], truth: np.ndarray) -> None:
