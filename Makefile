@@ -34,7 +34,7 @@ test: $(STAMP) test-deps
 	$(BIN)/ruff check model daemon tests bench
 	$(BIN)/ruff format --check model daemon tests bench
 	$(BIN)/mypy
-	$(BIN)/pytest -q -n 2 --dist loadfile  # two workers, one file each: daemons mostly wait on each other
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=25  # two workers, one file each: daemons mostly wait on each other
 
 # The fault-injection suite alone (it also runs in `make test`), then its table: fault, sent, stored, lost, recovery.
 faults: $(STAMP) test-deps

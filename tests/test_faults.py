@@ -34,7 +34,7 @@ from harness import ROOT, Daemon, cli, simulate, wait_for
 from daemon.cli.clients import ReplayResult, events_of, replay
 from daemon.data.datasets import read_recordings
 from daemon.protocol import Event
-from daemon.store.db import DB_NAME, Store
+from daemon.store.db import DB_NAME, SCHEMA_VERSION, Store
 
 pytestmark = pytest.mark.faults
 DATA = Path(__file__).parent / "data"
@@ -507,7 +507,7 @@ def test_a_schema_1_store_is_migrated_on_start_with_a_backup(tmp_path, sim, mode
     try:
         recovered = time.monotonic() - t  # start (with the migration) to ready
         migrated = [e for e in d.events() if e.get("event") == "store_migrated"]
-        assert migrated and migrated[0]["from_schema"] == 1 and migrated[0]["to_schema"] == 3
+        assert migrated and migrated[0]["from_schema"] == 1 and migrated[0]["to_schema"] == SCHEMA_VERSION
         assert Path(migrated[0]["backup"]).exists()
         sender = Sender()
         events = islice(events_of(read_recordings(sim), "new", 0, False), 20)
@@ -518,7 +518,7 @@ def test_a_schema_1_store_is_migrated_on_start_with_a_backup(tmp_path, sim, mode
     finally:
         assert d.stop() == 0
     store = Store(state, readonly=True)
-    assert store.integrity_ok() and store.schema_version() == 4
+    assert store.integrity_ok() and store.schema_version() == SCHEMA_VERSION
     store.close()
     counts = figures(state, sender.sent, sender.acked)
     record("store from schema 1", "old database file", res.sent, counts, res.duplicates, recovered)

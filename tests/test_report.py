@@ -93,7 +93,7 @@ def deployment(tmp_path_factory) -> Path:
 def test_report_of_a_real_daemon_opens_offline_with_every_section(tmp_path, tmp_path_factory):
     data = deployment(tmp_path_factory)
     model = tmp_path / "model"
-    r = cli("train", str(data), "--out", str(model), "--epochs", "200", timeout=600)
+    r = cli("train", str(data), "--out", str(model), "--epochs", "60", timeout=600)
     assert r.returncode == 0, r.stderr
     config = tmp_path / "wingbeat.toml"
     config.write_text(CONFIG)
