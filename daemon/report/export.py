@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from daemon.store.db import Store
+from daemon.store.labels import HOUR_NS, WINDOWS
 
 # One row per event with an output. ``station`` is '' for the daemon's own events and the station's name for
 # events pooled at a centre; ``meta`` is the event's JSON object as it came on the wire.
@@ -44,9 +45,6 @@ SELECT = (
     " o.model_version, o.cluster, o.probability, o.novelty, o.rec_error, o.latent, e.meta"
     " FROM events e JOIN outputs o ON o.event_id = e.id"
 )
-HOUR_NS = 3_600 * 10**9
-DAY_NS = 24 * HOUR_NS
-WINDOWS = ("hour", "day", "week")
 
 
 @dataclass(frozen=True)
@@ -163,19 +161,16 @@ def export_table(state: Path, out: Path, q: Query) -> int:
 
 # ---- windows: what the Darwin Core Archive and the report count per station and period ----------------------
 def window_start(t_ns: int, by: str) -> int:
-    """Start (ns since the epoch) of the UTC calendar hour, day or ISO week (from Monday 00:00) holding ``t_ns``."""
-    if by == "hour":
-        return t_ns - t_ns % HOUR_NS
-    if by == "day":
-        return t_ns - t_ns % DAY_NS
-    if by == "week":
-        day = t_ns // DAY_NS
-        return ((day + 3) // 7 * 7 - 3) * DAY_NS  # 1970-01-01 was a Thursday: Mondays are day −3 + 7k
-    raise ValueError(f"--by must be one of {', '.join(WINDOWS)}, got {by!r}")
+    """Start (ns since the epoch) of the UTC calendar hour, day or ISO week (from Monday 00:00) holding ``t_ns``:
+    the windows of ``wingbeat diversity`` (``daemon.store.labels.WINDOWS``)."""
+    if by not in WINDOWS:
+        raise ValueError(f"--by must be one of {', '.join(WINDOWS)}, got {by!r}")
+    width, offset = WINDOWS[by]
+    return (t_ns + offset) // width * width - offset
 
 
 def window_length(by: str) -> int:
-    return {"hour": HOUR_NS, "day": DAY_NS, "week": 7 * DAY_NS}[by]
+    return WINDOWS[by][0]
 
 
 @dataclass

@@ -24,8 +24,9 @@ import numpy as np
 
 from daemon.report import figures
 from daemon.report.estimates import day_windows, rarefied, station_dissimilarity
-from daemon.report.export import DAY_NS, HOUR_NS, Query, version_cards
+from daemon.report.export import Query, version_cards
 from daemon.store.db import Store
+from daemon.store.labels import DAY_NS, HOUR_NS
 from model.spectra import FeatureConfig
 
 STYLE = """

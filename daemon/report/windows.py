@@ -79,7 +79,7 @@ def diversity_windows(
     for key in sorted(totals):
         total, lo, hi = totals[key]
         start, end = _bounds(by, key[1], lo, hi)
-        window = _window(key[0], start, end, total, counts.get(key, {}), seed)
+        window = window_record(key[0], start, end, total, counts.get(key, {}), seed)
         if as_served:
             versions = served.get(key, {})
             window["model_version"] = _one_or_list(sorted(versions))
@@ -138,7 +138,11 @@ def _one_or_list(versions: list[int]) -> int | list[int] | None:
     return versions[0] if len(versions) == 1 else versions
 
 
-def _window(station: str, start: str, end: str, total: int, clusters: dict[int, int], seed: int) -> dict[str, Any]:
+def window_record(
+    station: str, start: str, end: str, total: int, clusters: dict[int, int], seed: int
+) -> dict[str, Any]:
+    """One window as ``wingbeat diversity --json`` prints it: ``clusters`` maps cluster (−1 = novel) to events;
+    the ``total`` events it did not count are ``pending``."""
     clusters = dict(clusters)
     novel = clusters.pop(NOVEL, 0)
     labelled = novel + sum(clusters.values())

@@ -23,7 +23,7 @@ import numpy as np
 
 from daemon.ops.config import Diversity as DiversityConfig
 from daemon.ops.metrics import Metrics
-from daemon.report.windows import iso, summary
+from daemon.report.windows import iso, window_record
 from model.cluster import NOVEL
 from model.diversity import Q, estimated, observed, sample_coverage
 
@@ -171,20 +171,9 @@ class LiveDiversity:
 
     def _summary(self, w: Open) -> dict[str, Any]:
         """As a ``wingbeat diversity --json`` window (as served), plus ``window_s``."""
-        counts = dict(w.counts)
-        novel = counts.pop(NOVEL, 0)
-        abundance = {str(c): n for c, n in sorted(counts.items())}
         versions = sorted(w.versions)
         start_ns = w.number * w.period_s * 1_000_000_000
-        return {
-            "station": self.station,
-            "start": iso(start_ns),
-            "end": iso(start_ns + w.period_s * 1_000_000_000),
-            "window_s": w.period_s,
-            "events": novel + sum(abundance.values()),
-            "novel": novel,
-            "pending": 0,
-            "model_version": (versions[0] if len(versions) == 1 else versions) if versions else None,
-            "abundance": abundance,
-            **summary(np.array(list(abundance.values()), np.int64), self.seed),
-        }
+        end = iso(start_ns + w.period_s * 1_000_000_000)
+        out = window_record(self.station, iso(start_ns), end, sum(w.counts.values()), w.counts, self.seed)
+        out["model_version"] = (versions[0] if len(versions) == 1 else versions) if versions else None
+        return {**out, "window_s": w.period_s}

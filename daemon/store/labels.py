@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DAY_NS = 86_400 * 10**9
+HOUR_NS = 3_600 * 10**9
+DAY_NS = 24 * HOUR_NS
 # by → (window width, offset) in ns: key = floor((t0_ns + offset) / width); the Unix epoch was a Thursday, so
 # ISO weeks (from Monday 00:00 UTC) start 3 days before a multiple of 7 days
 WINDOWS: dict[str, tuple[int, int]] = {
-    "hour": (3_600 * 10**9, 0),
+    "hour": (HOUR_NS, 0),
     "day": (DAY_NS, 0),
     "week": (7 * DAY_NS, 3 * DAY_NS),
 }
