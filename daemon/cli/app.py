@@ -7,7 +7,8 @@ import json
 from collections.abc import Callable
 from enum import Enum
 from functools import wraps
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -82,3 +83,19 @@ def without_nproc(argv: list[str]) -> list[str]:
 
 def emit_json(obj: dict[str, Any]) -> None:
     typer.echo(json.dumps(obj, allow_nan=False))
+
+
+# CURVE on a client's socket (docs/security.md): the options of replay, tail and watch
+ClientKey = Annotated[
+    Path | None, typer.Option(help="CURVE: this client's secret certificate (NAME.key_secret from `wingbeat keys`).")
+]
+ServerKey = Annotated[Path | None, typer.Option(help="CURVE: the daemon's public certificate (NAME.key).")]
+
+
+def client_curve(client_key: Path | None, server_key: Path | None) -> Any:
+    """CURVE keys for a client, both or neither."""
+    from daemon.cli.clients import Curve
+
+    if (client_key is None) != (server_key is None):
+        raise ValueError("--client-key and --server-key go together (CURVE needs both)")
+    return Curve(client_key, server_key) if client_key and server_key else None

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from daemon.cli.app import app, clean_errors, emit_json
+from daemon.cli.app import ClientKey, ServerKey, app, clean_errors, client_curve, emit_json
 from daemon.cli.folders import LabelFrom, TimeFrom, audio_options, warn
 
 
@@ -30,18 +30,15 @@ def watch(
     ] = 60.0,
     label_from: LabelFrom = None,
     time_from: TimeFrom = "mtime",
-    client_key: Annotated[Path | None, typer.Option(help="CURVE: this client's secret certificate.")] = None,
-    server_key: Annotated[Path | None, typer.Option(help="CURVE: the daemon's public certificate.")] = None,
+    client_key: ClientKey = None,
+    server_key: ServerKey = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
 ) -> None:
     """Send each complete audio file that appears in FOLDER to the daemon, exactly once (a journal beside FOLDER
     keeps the sequence numbers across restarts). Exit 2 when files were there and none could be sent."""
-    from daemon.cli.clients import Curve
     from daemon.cli.watch import Watcher
 
-    if (client_key is None) != (server_key is None):
-        raise ValueError("--client-key and --server-key go together (CURVE needs both)")
-    curve = Curve(client_key, server_key) if client_key and server_key else None
+    curve = client_curve(client_key, server_key)
     w = Watcher(
         folder, connect, sensor, audio_options(label_from, time_from), after_ack, poll, window, ack_timeout,
         give_up, curve, warn,

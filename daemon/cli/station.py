@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from daemon.cli.app import Device, app, clean_errors, emit_json
+from daemon.cli.app import ClientKey, Device, ServerKey, app, clean_errors, client_curve, emit_json
 from daemon.cli.folders import LabelFrom, TimeFrom, audio_options, warn
 
 
@@ -74,12 +74,6 @@ def check_config(config: Annotated[Path, typer.Argument(help="TOML config file."
     typer.echo(to_toml(_config(config, {})), nl=False)
 
 
-ClientKey = Annotated[
-    Path | None, typer.Option(help="CURVE: this client's secret certificate (NAME.key_secret from `wingbeat keys`).")
-]
-ServerKey = Annotated[Path | None, typer.Option(help="CURVE: the daemon's public certificate (NAME.key).")]
-
-
 @app.command()
 @clean_errors
 def replay(
@@ -109,7 +103,7 @@ def replay(
     events = events_of(rec, sensor, start_seq, sensor_from_file=True)
     if rec.meta is not None:
         events = _with_meta(events, rec.meta)
-    curve = _curve(client_key, server_key)
+    curve = client_curve(client_key, server_key)
     res = send(events, connect, rate, window, ack_timeout, give_up, curve=curve)
     if as_json:
         emit_json(res.to_dict())
@@ -143,7 +137,7 @@ def tail(
     """Print published outputs, one JSON object per line."""
     from daemon.cli.clients import tail as follow
 
-    curve = _curve(client_key, server_key)
+    curve = client_curve(client_key, server_key)
     follow(connect, topic, count, timeout, lambda body: typer.echo(json.dumps(body)), curve=curve)
 
 
@@ -161,15 +155,6 @@ def keys(
         raise ValueError(f"--name: not a file name: {name!r}")
     public, secret = create_keys(out, name)
     typer.echo(f"public key: {public}\nsecret key: {secret} (mode 0600; keep it on the machine that uses it)")
-
-
-def _curve(client_key: Path | None, server_key: Path | None) -> Any:
-    """CURVE keys for a client, both or neither."""
-    from daemon.cli.clients import Curve
-
-    if (client_key is None) != (server_key is None):
-        raise ValueError("--client-key and --server-key go together (CURVE needs both)")
-    return Curve(client_key, server_key) if client_key and server_key else None
 
 
 def _cards(state: Path, version: int | None) -> list[dict[str, Any]]:
