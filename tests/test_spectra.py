@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import scipy.signal
 
+from model import blockdft, spectra
 from model.spectra import FeatureConfig, featurise_events, featurise_spectra, log_minmax, scale_features, to_grid, welch
 
 CFG = FeatureConfig()
@@ -132,3 +133,29 @@ def test_negative_power_and_off_grid_are_refused():
     assert not batch.ok[0] and batch.errors[0].reason == "negative_power"
     with pytest.raises(ValueError, match="outside"):
         to_grid(np.linspace(0, 1000, 50), np.ones((1, 50)), CFG.grid)
+
+
+@pytest.mark.parametrize("fs, n", [(20_800.0, 1000), (20_800.0, 1001), (20_800.0, 6241), (44_100.0, 9000)])
+def test_block_welch_equals_scipy_and_the_fft_per_segment(fs, n, monkeypatch):
+    # the usual plan goes through shared blocks (one matrix product); scipy and the FFT per segment agree with it
+    seg, hop, nfft = CFG.plan(fs, n)
+    assert blockdft.applies(seg, hop, nfft)
+    rng = np.random.default_rng(n)
+    t = np.arange(n) / fs
+    events = [
+        (900 + 200 * np.sin(2 * np.pi * 480 * t) + rng.normal(0, 300, (2, n))).astype(np.int16),
+        rng.normal(0, 1, (3, n + 137)),
+    ]
+    kept = 200
+    blocks = blockdft.welch_blocks(events, fs, seg, hop, nfft, kept)
+    ref = np.concatenate([scipy_welch(e, fs)[:, :kept] for e in events])
+    np.testing.assert_allclose(blocks, ref, rtol=2e-4, atol=1e-5 * ref.max())
+    monkeypatch.setattr(blockdft, "applies", lambda *_: False)  # the FFT per segment, for the same events
+    fft = spectra._welch_group(events, fs, seg, hop, nfft, kept)
+    np.testing.assert_allclose(fft, blocks, rtol=2e-4, atol=1e-5 * ref.max())
+
+
+def test_block_welch_is_only_for_plans_of_few_blocks():
+    assert blockdft.applies(*CFG.plan(20_800.0, 5000))  # 1000-sample segments, hop 200: five blocks of 200
+    assert not blockdft.applies(*CFG.plan(10_000.0, 4000))  # 481 and 96 share no factor: 481 blocks
+    assert not blockdft.applies(*CFG.plan(20_800.0, 999))  # shorter than a segment: nfft is not twice the segment
