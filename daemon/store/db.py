@@ -24,7 +24,7 @@ from daemon.store.labels import LabelTables
 from daemon.store.models import ModelTables
 from daemon.store.network import NetworkTables
 from daemon.store.rows import REFUSED, each_in_savepoint, insert_quarantine_rows, output_row, refused_row
-from daemon.store.schema import DB_NAME, MIGRATIONS, SCHEMA, SCHEMA_VERSION, Checkpointer
+from daemon.store.schema import DB_NAME, MIGRATIONS, SCHEMA, SCHEMA_VERSION, Checkpointer, wal_backstop, writer_settings
 
 __all__ = ["DB_NAME", "MIGRATIONS", "REFUSED", "SCHEMA_VERSION", "Pending", "Store", "StoreError"]
 
@@ -73,14 +73,13 @@ class Store(ModelTables, NetworkTables, LabelTables):
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
+            writer_settings(self.db)
             self._migrate()
         self.db.execute("PRAGMA foreign_keys=OFF")
         self._raw_bytes: int | None = None
         self.checkpointer: Checkpointer | None = None
         if checkpoint_every_s is not None and not readonly:
-            self.db.execute("PRAGMA wal_autocheckpoint=16384")  # pages of 4 KB: 64 MB
+            wal_backstop(self.db)
             self.checkpointer = Checkpointer(self.path, checkpoint_every_s)
             self.checkpointer.start()
 
@@ -177,7 +176,7 @@ class Store(ModelTables, NetworkTables, LabelTables):
                 "INSERT OR IGNORE INTO events (sensor, seq, t0_ns, fs, dtype, channels, n_samples, label, meta,"
                 " received_ns) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (e.sensor, e.seq, e.t0_ns, e.fs, e.dtype, e.channels, int(e.samples.shape[-1]), e.label,
-                 json.dumps(e.meta), now),
+                 json.dumps(e.meta) if e.meta else "{}", now),
             )  # fmt: skip
             if cur.rowcount == 0:
                 return -1

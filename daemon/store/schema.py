@@ -13,6 +13,7 @@ from pathlib import Path
 
 SCHEMA_VERSION = 4
 DB_NAME = "wingbeat.sqlite"
+PAGE_SIZE = 16384  # bytes, for a new store: an event's 25 KB of raw samples fill 2 pages, not 7 of 4 KB
 
 # Clusters by model version: ``labels`` holds what a version gave events that another version served (rows of the
 # serving version, and of older ones until pruned); ``outputs_by_version`` covers (version, event, cluster), so that
@@ -97,6 +98,21 @@ MIGRATIONS: dict[int, list[str]] = {
     # that the window counts read without touching the outputs' latents
     3: [*LABELS],
 }
+
+
+def writer_settings(db: sqlite3.Connection) -> None:
+    """The writer's connection: WAL, every commit durable (``synchronous=FULL``, DESIGN §7), and for a new store
+    pages of ``PAGE_SIZE`` (a no-op on an existing one: it keeps its own)."""
+    db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+
+
+def wal_backstop(db: sqlite3.Connection, mib: int = 64) -> None:
+    """SQLite's own checkpoint, inside a commit, only once the WAL passes ``mib`` MB (the ``Checkpointer`` runs
+    long before)."""
+    page = int(db.execute("PRAGMA page_size").fetchone()[0])
+    db.execute(f"PRAGMA wal_autocheckpoint={(mib << 20) // page}")
 
 
 class Checkpointer(threading.Thread):
