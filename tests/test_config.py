@@ -54,3 +54,12 @@ def test_check_config_command(tmp_path):
     r = subprocess.run([sys.executable, "-m", "daemon.cli", "check-config", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "wingbeat: error: publish.hwm: must be at least 1, got 0"
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("cores, threads", [(1, 1), (2, 1), (3, 2), (4, 3), (16, 4)])
+def test_featurise_threads_default_to_one_core_fewer_than_the_daemon_may_use(monkeypatch, cores, threads):
+    from daemon.ops import config
+
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert config.Ingest().featurise_threads == threads
+    assert config.Ingest(featurise_threads=2).featurise_threads == 2  # a configured count is kept

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -14,6 +15,11 @@ class ConfigError(ValueError):
     """One line naming the key and the problem."""
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as systemd's ``CPUAffinity=`` or a container sets it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class Ingest:
     endpoint: str = "tcp://127.0.0.1:5555"  # ROUTER: acks after commit
@@ -23,7 +29,9 @@ class Ingest:
     min_samples: int = 64
     batch_max: int = 256  # micro-batch: up to this many events …
     batch_wait_ms: float = 5.0  # … or this long after the first, whichever first
-    featurise_threads: int = 2  # featurise the next micro-batch in these threads while this one commits (0 = off)
+    # featurise the next micro-batch in these threads while this one commits (0 = off); by default one core fewer
+    # than the daemon may use (at most 4): on 2 cores one thread, as two beside the serving thread fought for them
+    featurise_threads: int = field(default_factory=lambda: max(1, min(4, usable_cores() - 1)))
     queue_per_sender: int = 1000  # messages queued per connection before ZeroMQ stops reading it (backpressure)
     quarantine_keep: int = 100_000  # rows of quarantine kept (oldest dropped first)
     quarantine_frame_bytes: int = 65_536  # bytes of each rejected message kept
