@@ -1,6 +1,6 @@
 """How fast ``wingbeat diversity`` summarises a big store, and how fast history is re-labelled.
 
-    python bench/diversity_speed.py [--events 10000000] [--relabel 200000] [--keep DIR]
+    python bench/diversity_speed.py [--events 10000000] [--relabel 200000] [--keep DIR [--reuse]]
 
 1. A store of ``--events`` events (default ten million) is built in SQLite itself (a recursive CTE through the
    store's own schema: no Python loop per event): 60 days of one station, four sensors, 12 synthetic clusters of
@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=10_000_000)
     ap.add_argument("--relabel", type=int, default=200_000)
     ap.add_argument("--keep", type=Path, help="Build the stores here and keep them.")
+    ap.add_argument("--reuse", action="store_true", help="Time the store kept in --keep again instead of building it.")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
@@ -143,9 +144,13 @@ def main() -> None:
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
         if args.events:
             state = work / "windows-state"
-            built = build(state, args.events)
-            size = (state / DB_NAME).stat().st_size / 2**30
-            print(f"store of {args.events:,} events built in {built:.1f} s ({size:.2f} GiB)")
+            if args.reuse and (state / DB_NAME).exists():
+                size = (state / DB_NAME).stat().st_size / 2**30
+                print(f"store kept in {state} reused ({size:.2f} GiB)")
+            else:
+                built = build(state, args.events)
+                size = (state / DB_NAME).stat().st_size / 2**30
+                print(f"store of {args.events:,} events built in {built:.1f} s ({size:.2f} GiB)")
             for what, seconds, windows in time_windows(state):
                 print(f"diversity_windows {what:<20} {seconds:7.1f} s   {windows:5d} windows")
         if args.relabel:

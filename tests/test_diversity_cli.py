@@ -18,6 +18,7 @@ from daemon.cli.clients import events_of, replay
 from daemon.data.datasets import read_recordings
 from daemon.report.windows import diversity_windows
 from daemon.store.db import Store
+from daemon.store.labels import window_filter
 from daemon.store.versions import read_version
 from model.predict import predict
 
@@ -230,3 +231,108 @@ def test_a_retrain_relabels_the_history_and_as_served_keeps_what_was_published(t
     assert np.mean(np.array([r[1] for r in rows]) == expected) > 0.99
     assert store.prune_labels(keep=9) == 320  # version 2's rows
     store.close()
+
+
+# ---- the window counts against a count in Python -----------------------------------------------------------------
+WIDTHS = {"hour": (3_600 * 10**9, 0), "day": (86_400 * 10**9, 0), "week": (7 * 86_400 * 10**9, 3 * 86_400 * 10**9)}
+
+
+def random_store(state: Path, seed: int, huge: bool = False) -> list[tuple[str, str, int, int | None, int, dict]]:
+    """Events of four stations (one of them ''), two sensors, times on either side of 1970 and of UTC midnights and
+    Mondays, served by versions 1…3 or not at all (pending), novel (−1) or of clusters 0…7, and labels of versions 2
+    and 3 (serving) for some events others served. ``huge``: a cluster and a version too big for a packed key.
+    Returns (station, sensor, t0_ns, served version, published cluster, {version: label})."""
+    rng = np.random.default_rng(seed)
+    day = 86_400 * 10**9
+    times = [*(ns("2026-06-01T00:00") + rng.integers(-20 * day, 20 * day, 300)), *rng.integers(-9 * day, 9 * day, 60)]
+    times += [ns("2026-06-01T00:00"), ns("2026-06-01T00:00") - 1, 0, -1, -3 * day, -3 * day - 1, ns("2026-06-08")]
+    events = []
+    for t in times:
+        served = None if rng.random() < 0.1 else int(rng.integers(1, 4))
+        cluster = -1 if rng.random() < 0.15 else int(rng.integers(0, 8))
+        labels = {v: -1 if rng.random() < 0.1 else int(rng.integers(0, 8)) for v in (2, 3) if rng.random() < 0.7}
+        station, sensor = str(rng.choice(["", "north", "south", "zé"])), str(rng.choice(["a", "b"]))
+        events.append((station, sensor, int(t), served, cluster, labels))
+    if huge:
+        events[0] = (*events[0][:3], 2**40, 2**41, {3: -(2**45)})
+    store = Store(state)
+    with store._tx():
+        for i, (station, sensor, t0, served, cluster, labels) in enumerate(events, start=1):
+            store.db.execute(
+                "INSERT INTO events (id, station, sensor, seq, t0_ns, fs, dtype, channels, n_samples, received_ns)"
+                " VALUES (?, ?, ?, ?, ?, 9000.0, 'int16', 1, 8, 0)",
+                (i, station, sensor, i, t0),
+            )
+            if served is not None:
+                store.db.execute("INSERT INTO outputs VALUES (?, ?, ?, 1.0, 0.0, 0.0, '[]', 1)", (i, served, cluster))
+            for v, label in labels.items():
+                if v != served:
+                    store.db.execute("INSERT INTO labels VALUES (?, ?, ?)", (v, i, label))
+    for v in (1, 2, 3):
+        store.record_model(v, "serving", "full", {})
+    store.close()
+    return events
+
+
+def counted(events: list, by: str, version: int | None, keep) -> tuple[list, list]:
+    """(totals, counts) as the store gives them, counted one event at a time: counts under ``version``, or as
+    served (with the version) when None."""
+    totals: dict[tuple, list[int]] = {}
+    counts: dict[tuple, int] = {}
+    for station, sensor, t0, served, cluster, labels in events:
+        if not keep(station, sensor, t0):
+            continue
+        width, offset = WIDTHS.get(by, (0, 0))
+        w = (t0 + offset) // width if width else 0
+        n, lo, hi = totals.get((station, w), (0, t0, t0))
+        totals[station, w] = [n + 1, min(lo, t0), max(hi, t0)]
+        if version is None and served is not None:
+            key: tuple = (station, w, served, cluster)
+        elif version is not None and served == version:
+            key = (station, w, cluster)
+        elif version is not None and version in labels:
+            key = (station, w, labels[version])
+        else:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+    return sorted((*k, *v) for k, v in totals.items()), sorted((*k, n) for k, n in counts.items())
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_the_window_counts_are_a_count_of_the_events(tmp_path, huge):
+    events = random_store(tmp_path / "state", seed=7, huge=huge)
+    store = Store(tmp_path / "state", readonly=True)
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    since, until = ns("2026-05-20T05:00"), ns("2026-06-03T17:00")
+    filters = [
+        ((None, None, None, None), lambda s, x, t: True),
+        (("north", None, None, None), lambda s, x, t: s == "north"),
+        ((None, "b", since, until), lambda s, x, t: x == "b" and since <= t < until),
+        (("", "a", None, 0), lambda s, x, t: s == "" and x == "a" and t < 0),
+    ]
+    try:
+        for (station, sensor, lo, hi), keep in filters:
+            where, args = window_filter(station, sensor, lo, hi)
+            for by in ("hour", "day", "week", "station"):
+                totals, served = counted(events, by, None, keep)
+                assert sorted(store.window_totals(by, where, args)) == totals
+                assert sorted(store.window_counts_served(by, where, args)) == served
+                for version in (1, 2, 3):
+                    assert (
+                        sorted(store.window_counts(by, version, where, args)) == counted(events, by, version, keep)[1]
+                    )
+    finally:
+        store.close()
+    # packed keys, not GROUP BY (its sort is what took the time), unless a value does not fit in one
+    assert any("GROUP BY" in s for s in statements) == huge
+    everything = diversity_windows(tmp_path / "state", "all")
+    totals, counts = counted(events, "all", 3, lambda s, x, t: True)
+    assert [(w["station"], w["events"], w["novel"], w["pending"]) for w in everything] == [
+        (
+            "*",
+            sum(n for *_, n in counts),
+            sum(n for _, _, c, n in counts if c == -1),
+            len(events) - sum(n for *_, n in counts),
+        )
+    ]

@@ -1,4 +1,4 @@
-"""Diversity per window of event time: the counts come from the store (SQL ``GROUP BY`` window and cluster,
+"""Diversity per window of event time: the counts come from the store (counted by window and cluster in SQLite,
 ``daemon.store.labels``), the estimates from ``model.diversity``. A thin shell: rows in, one dict per window out.
 
 A window never mixes model versions silently. By default every event is labelled by the serving version: its own
