@@ -19,7 +19,8 @@ Each round starts a fresh daemon of each build (the order alternates from round 
    while it still runs.
 
 Before the rounds, the featurise-only loop (``featurise_events`` over the same events in batches of 256, one
-thread) as the ceiling of one core. ``--long N``: after the rounds, N more events into this build's daemon, its
+thread) as the ceiling of one core, with Welch by shared blocks (this build) and by an FFT per segment (forced),
+twice each, alternating. ``--long N``: after the rounds, N more events into this build's daemon, its
 RSS at start and end. Events: 2 channels, int16, 0.1–0.5 s at 20.8 kHz, from the simulator. The sender is this
 build's ``wingbeat replay`` for both builds (the wire format is the same).
 """
@@ -27,6 +28,7 @@ build's ``wingbeat replay`` for both builds (the wire format is the same).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -47,6 +50,7 @@ BASELINE = "8868303"  # the build before daemon/ moved into subpackages
 sys.path.insert(0, str(ROOT))
 
 from daemon.data.datasets import read_recordings
+from model import blockdft
 from model.spectra import FeatureConfig, featurise_events
 
 SENDER = r"""
@@ -163,6 +167,20 @@ class Bench:
             f"long replay: {res['acked']} events in {time.monotonic() - t:.0f} s; daemon RSS before "
             f"{rss0:.0f} MiB, after {rss_mib(daemon.pid):.0f} MiB"
         )
+
+
+WELCH = {"blocks": "by shared blocks (model/blockdft.py)", "fft": "by an FFT per segment (as before)"}
+
+
+@contextlib.contextmanager
+def block_path(on: bool) -> Iterator[None]:
+    """Featurise with the block path (this build's) or force the FFT per segment, for the comparison."""
+    applies = blockdft.applies
+    blockdft.applies = applies if on else (lambda *_: False)
+    try:
+        yield
+    finally:
+        blockdft.applies = applies
 
 
 def finish(p: subprocess.Popen[str], timeout: float = 900) -> dict:
@@ -283,10 +301,16 @@ def main() -> None:
     events = [rec.event(i) for i in range(len(rec))]
     mean_s = np.mean([e.shape[1] for e in events]) / rec.fs[0]
     print(f"{len(events)} events, 2 × int16, mean {mean_s:.2f} s at {rec.fs[0]:g} Hz; sender window {args.window}")
-    t = time.perf_counter()
-    for i in range(0, len(events), 256):
-        featurise_events(events[i : i + 256], rec.fs[i : i + 256], FeatureConfig())
-    print(f"featurise-only loop (1 thread): {len(events) / (time.perf_counter() - t):.0f} events/s")
+    for path in ("blocks", "fft"):  # untimed: the first call of each builds its tables and buffers
+        with block_path(path == "blocks"):
+            featurise_events(events[:64], rec.fs[:64], FeatureConfig())
+    for path in ("blocks", "fft", "blocks", "fft"):  # twice each, alternating: the machine's speed moves
+        with block_path(path == "blocks"):
+            t = time.perf_counter()
+            for i in range(0, len(events), 256):
+                featurise_events(events[i : i + 256], rec.fs[i : i + 256], FeatureConfig())
+        rate = len(events) / (time.perf_counter() - t)
+        print(f"featurise-only loop (1 thread), Welch {WELCH[path]}: {rate:.0f} events/s")
     model = work / "model"  # a model, so that every event is published
     wingbeat(builds["current"], "train", str(data), "--out", str(model), "--epochs", "20")
 
