@@ -78,6 +78,11 @@ def test_featurise_threads_give_the_same_features_as_the_serving_thread():
     two = pool.start(d, FeatureConfig(), busy=False)
     assert len(two.parts) == 2  # 40 events ≥ SPLIT_FROM: one part per thread
     got = two.featurised()
+    # while the serving thread commits another batch (busy), one thread fewer: it holds a core itself
+    assert len(pool.start(d, FeatureConfig(), busy=True).parts) == 1
+    three = Featuriser(3)
+    assert len(three.start(d, FeatureConfig(), busy=True).parts) == 2
+    three.close()
     pool.close()
     assert sorted(got.features) == sorted(one.features) == list(range(40))
     for i in range(40):
