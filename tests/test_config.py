@@ -56,8 +56,8 @@ def test_check_config_command(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("cores, threads", [(1, 1), (2, 2), (3, 3), (16, 4)])
-def test_featurise_threads_default_to_the_cores_the_daemon_may_use(monkeypatch, cores, threads):
+@pytest.mark.parametrize("cores, threads", [(1, 1), (2, 1), (3, 2), (4, 3), (16, 4)])
+def test_featurise_threads_default_to_one_core_fewer_than_the_daemon_may_use(monkeypatch, cores, threads):
     from daemon.ops import config
 
     monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)

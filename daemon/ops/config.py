@@ -29,9 +29,9 @@ class Ingest:
     min_samples: int = 64
     batch_max: int = 256  # micro-batch: up to this many events …
     batch_wait_ms: float = 5.0  # … or this long after the first, whichever first
-    # featurise the next micro-batch in these threads while this one commits (0 = off); by default as many as the
-    # daemon may use cores (at most 4), one fewer while the serving thread commits (``daemon.serve.pipeline``)
-    featurise_threads: int = field(default_factory=lambda: min(4, usable_cores()))
+    # featurise the next micro-batch in these threads while this one commits (0 = off); by default one core fewer
+    # than the daemon may use (at most 4): the serving thread holds one (on 2 cores one thread, docs/RESULTS.md)
+    featurise_threads: int = field(default_factory=lambda: max(1, min(4, usable_cores() - 1)))
     queue_per_sender: int = 1000  # messages queued per connection before ZeroMQ stops reading it (backpressure)
     quarantine_keep: int = 100_000  # rows of quarantine kept (oldest dropped first)
     quarantine_frame_bytes: int = 65_536  # bytes of each rejected message kept

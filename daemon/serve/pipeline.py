@@ -69,7 +69,7 @@ class Featuriser:
     flight is featurised at once on the caller's thread: a hand-off to a thread and back only adds latency. A large
     batch is split over the threads, one part each, but over one thread fewer while the serving thread commits
     another batch (``busy``): it holds a core itself, and a thread more than there are cores only makes them take
-    turns (on 2 cores, sustained acked events/s +9 %); after a stall, the first large batch has every thread."""
+    turns; after a stall, the first large batch has every thread."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
