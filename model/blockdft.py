@@ -29,7 +29,7 @@ def applies(seg: int, hop: int, nfft: int) -> bool:
 
 
 @lru_cache(maxsize=16)
-def _tables(seg: int, hop: int, nfft: int, kept: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _tables(seg: int, hop: int, nfft: int, kept: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """The block DFT matrix (g, 2K) float32, cos and −sin interleaved, for bins −2 … kept+1; the blocks' phases
     (L, K) complex64; twice the window's DFT at bins 0 … kept−1 (complex64); Σ w²."""
     g = math.gcd(seg, hop)
@@ -43,7 +43,7 @@ def _tables(seg: int, hop: int, nfft: int, kept: int) -> tuple[np.ndarray, np.nd
     w_dft = (2 * w_dft).astype(np.complex64)  # doubled, as the segments' windowed DFTs are in _chunk
     for a in (dft, phase, w_dft):
         a.setflags(write=False)
-    return dft, phase, w_dft, np.array(float(np.sum(w**2)))
+    return dft, phase, w_dft, float(np.sum(w**2))
 
 
 def welch_blocks(events: Sequence[np.ndarray], fs: float, seg: int, hop: int, nfft: int, kept: int) -> np.ndarray:
@@ -68,12 +68,16 @@ def welch_blocks(events: Sequence[np.ndarray], fs: float, seg: int, hop: int, nf
         out[i:j] = _chunk(channels[i:j], tables, per_seg, step, kept)
         i = j
     out[:, 1 : min(nfft // 2, kept)] *= 2  # one-sided; the Nyquist bin of the even nfft has no mirror
-    out /= np.float32(fs * float(tables[3]))
+    out /= np.float32(fs * tables[3])
     return out
 
 
 def _chunk(
-    channels: list[np.ndarray], tables: tuple[np.ndarray, ...], per_seg: int, step: int, kept: int
+    channels: list[np.ndarray],
+    tables: tuple[np.ndarray, np.ndarray, np.ndarray, float],
+    per_seg: int,
+    step: int,
+    kept: int,
 ) -> np.ndarray:
     """Mean power over each channel's segments: (channels, kept)."""
     dft, phase, window_dft, _ = tables

@@ -23,7 +23,7 @@ from daemon.protocol import Event, Output, Quarantined
 from daemon.store.labels import LabelTables
 from daemon.store.models import ModelTables
 from daemon.store.network import NetworkTables
-from daemon.store.rows import REFUSED, each_in_savepoint, insert_quarantine_rows, output_row, refused_row
+from daemon.store.rows import REFUSED, each_in_savepoint, insert_event, insert_quarantine_rows, output_row, refused_row
 from daemon.store.schema import DB_NAME, MIGRATIONS, SCHEMA, SCHEMA_VERSION, Checkpointer, wal_backstop, writer_settings
 
 __all__ = ["DB_NAME", "MIGRATIONS", "REFUSED", "SCHEMA_VERSION", "Pending", "Store", "StoreError"]
@@ -172,15 +172,9 @@ class Store(ModelTables, NetworkTables, LabelTables):
         def insert(k: int) -> int:
             nonlocal added
             e = events[k]
-            cur = self.db.execute(
-                "INSERT OR IGNORE INTO events (sensor, seq, t0_ns, fs, dtype, channels, n_samples, label, meta,"
-                " received_ns) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (e.sensor, e.seq, e.t0_ns, e.fs, e.dtype, e.channels, int(e.samples.shape[-1]), e.label,
-                 json.dumps(e.meta) if e.meta else "{}", now),
-            )  # fmt: skip
-            if cur.rowcount == 0:
+            eid = insert_event(self.db, "", e, int(e.samples.shape[-1]), now)
+            if eid < 0:
                 return -1
-            eid = int(cur.lastrowid or 0)
             feature_rows.append((eid, np.ascontiguousarray(features[k], np.float32).tobytes()))
             samples = e.samples.tobytes() if keep_raw else b""
             raw.extend([(eid, samples)] if keep_raw else [])

@@ -3,14 +3,13 @@ forwarded watermark) and the centre's pooled events. Methods of ``daemon.store.d
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from contextlib import AbstractContextManager
 from typing import Any
 
 from daemon.protocol import Pooled, Quarantined
-from daemon.store.rows import each_in_savepoint, insert_quarantine_rows, safe_int, snapshot, what
+from daemon.store.rows import each_in_savepoint, insert_event, insert_quarantine_rows, safe_int, snapshot, what
 
 
 class NetworkTables:
@@ -42,15 +41,9 @@ class NetworkTables:
         def insert(k: int) -> int:
             nonlocal added
             p = events[k]
-            cur = self.db.execute(
-                "INSERT OR IGNORE INTO events (station, sensor, seq, t0_ns, fs, dtype, channels, n_samples, label,"
-                " meta, received_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (p.station, p.sensor, p.seq, p.t0_ns, p.fs, p.dtype, p.channels, p.n_samples, p.label,
-                 json.dumps(p.meta), now),
-            )  # fmt: skip
-            if cur.rowcount == 0:
+            eid = insert_event(self.db, p.station, p, p.n_samples, now)
+            if eid < 0:
                 return -1
-            eid = int(cur.lastrowid or 0)
             self.db.execute("INSERT INTO features VALUES (?, ?)", (eid, p.features))
             if p.raw is not None:
                 self.db.execute("INSERT INTO raw VALUES (?, ?)", (eid, p.raw))

@@ -10,11 +10,23 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from daemon.protocol import REFUSED, Event, Output
+from daemon.protocol import REFUSED, Event, Output, Pooled
 
+INSERT_EVENT = (
+    "INSERT OR IGNORE INTO events (station, sensor, seq, t0_ns, fs, dtype, channels, n_samples, label, meta,"
+    " received_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+)
 INSERT_QUARANTINE = (
     "INSERT INTO quarantine (received_ns, reason, detail, sensor, seq, frames, endpoint) VALUES (?,?,?,?,?,?,?)"
 )
+
+
+def insert_event(db: sqlite3.Connection, station: str, e: Event | Pooled, n_samples: int, now: int) -> int:
+    """An event's row (a daemon's own: station ''); its ID, or −1 when (station, sensor, seq) is stored already."""
+    meta = json.dumps(e.meta) if e.meta else "{}"
+    row = (station, e.sensor, e.seq, e.t0_ns, e.fs, e.dtype, e.channels, n_samples, e.label, meta, now)
+    cur = db.execute(INSERT_EVENT, row)
+    return int(cur.lastrowid or 0) if cur.rowcount else -1
 
 
 def output_row(o: Output, event_id: int) -> tuple[Any, ...]:
