@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA := ../shared/data
 
-.PHONY: demo test test-deps faults test-fast lint bench throughput headtohead ceiling clean install uninstall
+.PHONY: demo test test-deps faults test-fast lint bench throughput retention headtohead ceiling clean install uninstall
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -57,6 +57,10 @@ bench: $(STAMP)
 BASELINE ?= 8868303
 throughput: $(STAMP)
 	$(BIN)/python bench/throughput.py --baseline $(BASELINE) --rounds 2
+
+# Latency and events/s with the store at its raw-sample limit (retention running throughout), beside an earlier build
+retention: $(STAMP)
+	$(BIN)/python bench/retention.py --baseline $(BASELINE) --rounds 3
 
 # The quality protocol (docs/RESULTS.md): 5 seeds of paper, semi-supervised, simulated and UCR runs, two at a time
 headtohead: $(STAMP)

@@ -111,13 +111,15 @@ class Bench:
             print(f"  (only {len(lat)} outputs and {res['acked']} acks of {n} at the fixed rate)")
         return np.array(lat)
 
-    def start_daemon(self, name: str, tree: Path) -> tuple[subprocess.Popen[bytes], dict]:
+    def start_daemon(
+        self, name: str, tree: Path, raw_max_bytes: int = 256 << 20
+    ) -> tuple[subprocess.Popen[bytes], dict]:
         """A daemon of the build in ``tree`` serving the bench's model, on a fresh state directory."""
         conf = self.work / f"{name}.toml"
         share = self.args.trainer_share
         conf.write_text(
             '[ingest]\nendpoint = "tcp://127.0.0.1:0"\n[publish]\nendpoint = "tcp://127.0.0.1:0"\n'
-            '[metrics]\nlisten = "127.0.0.1:0"\n[store]\nraw_max_bytes = 268435456\n'
+            f'[metrics]\nlisten = "127.0.0.1:0"\n[store]\nraw_max_bytes = {raw_max_bytes}\n'
             "[training]\nfinetune_every_events = 100000000\nfull_every_events = 100000000\nfinetune_every_s = 0.0\n"
             "epochs_full = 300\n" + (f"cpu_share = {share}\n" if share else "")
         )

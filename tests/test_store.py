@@ -80,6 +80,51 @@ def test_retention_drops_oldest_raw_only(tmp_path):
     assert st.prune_raw(0.0, None) == 4  # older than 0 s: everything
 
 
+def test_retention_in_steps_drops_the_oldest_first_and_reaches_the_limit(tmp_path):
+    """The serving loop drops a bounded number of raw rows at a time (``limit``) until the store is under its
+    limits: with each batch's own commit (twice the batch's events, at least ``PRUNE_MIN_ROWS``), and by steps of
+    ``PRUNE_MIN_ROWS`` on turns that stored no batch."""
+    from dataclasses import replace
+
+    from daemon.ops.config import Config
+    from daemon.ops.metrics import Metrics
+    from daemon.serve.housekeeping import PRUNE_MIN_ROWS, Housekeeper
+
+    st = Store(tmp_path)
+    put(st, [ev(i) for i in range(10)], [], keep_raw=True)
+    per = 2 * 100 * 2
+    assert st.prune_raw(None, 4 * per, limit=2) == 2  # 6 are due; the 2 oldest go
+    assert [r[0] for r in st.db.execute("SELECT event_id FROM raw ORDER BY event_id")] == list(range(3, 11))
+    assert st.prune_raw(0.0, None, limit=3) == 3 and st.raw_bytes() == 5 * per
+    assert st.prune_raw(None, 4 * per, limit=100) == 1 and st.raw_bytes() == 4 * per
+
+    n = 3 * PRUNE_MIN_ROWS + 10  # more than three steps
+    put(st, [ev(i) for i in range(10, 10 + n)], [], keep_raw=True)
+    cfg = Config()
+    cfg = replace(cfg, store=replace(cfg.store, raw_max_age_days=0.0, raw_max_bytes=10 * per))
+    hk = Housekeeper(tmp_path, st, Metrics())
+    hk.run(cfg)  # the round every few seconds: one step, more is due
+    assert hk.prune_due and st.raw_bytes() == (4 + n - PRUNE_MIN_ROWS) * per
+    hk.prune_turn()  # an idle turn: one more step
+    assert hk.prune_due and st.raw_bytes() == (4 + n - 2 * PRUNE_MIN_ROWS) * per
+    feats = [np.zeros((2, 4), np.float32)] * 40
+    hk.ingest([ev(i) for i in range(10 + n, 50 + n)], feats, [], None, [])  # up to 80 rows may go with 40 events
+    # the 68 rows due before the batch went with it; its own 40 took the store past the limit again
+    assert st.dropped_raw == 68 and st.raw_bytes() == 50 * per and hk.prune_due
+    hk.prune_turn()  # the batch carried retention this turn: no step of its own
+    assert st.raw_bytes() == 50 * per
+    while hk.prune_due:
+        hk.prune_turn()
+    assert st.raw_bytes() == 10 * per == st.db.execute("SELECT sum(length(samples)) FROM raw").fetchone()[0]
+    kept = [r[0] for r in st.db.execute("SELECT event_id FROM raw ORDER BY event_id")]
+    assert kept == list(range(41 + n, 51 + n))  # the newest ten (IDs 1 … 50 + n were stored)
+    assert st.count_events() == 50 + n and st.db.execute("SELECT count(*) FROM features").fetchone()[0] == 50 + n
+    hk.ingest([ev(i) for i in range(50 + n, 90 + n)], feats, [], None, [])  # none was due: none goes with it
+    assert st.dropped_raw == 0 and st.raw_bytes() == 50 * per and hk.prune_due  # due now, for the next turn
+    hk.prune_turn()
+    assert st.raw_bytes() == 10 * per and not hk.prune_due
+
+
 def test_training_set_mixes_recent_and_older(tmp_path):
     st = Store(tmp_path)
     put(st, [ev(i, label="a" if i % 2 else "") for i in range(100)], [], keep_raw=False)

@@ -291,6 +291,7 @@ class Service:
             self.watchdog.progress(now)
         if self.publisher.queue:
             self.publisher.flush()
+        self.housekeeper.prune_turn()
         if now - self.last_housekeeping < 2.0:
             return
         self.last_housekeeping = now

@@ -23,6 +23,7 @@ from daemon.protocol import Event, Output, Quarantined
 from daemon.store.labels import LabelTables
 from daemon.store.models import ModelTables
 from daemon.store.network import NetworkTables
+from daemon.store.retention import drop_raw, raw_cutoff
 from daemon.store.rows import REFUSED, each_in_savepoint, insert_event, insert_quarantine_rows, output_row, refused_row
 from daemon.store.schema import DB_NAME, MIGRATIONS, SCHEMA, SCHEMA_VERSION, Checkpointer, wal_backstop, writer_settings
 
@@ -77,6 +78,7 @@ class Store(ModelTables, NetworkTables, LabelTables):
             self._migrate()
         self.db.execute("PRAGMA foreign_keys=OFF")
         self._raw_bytes: int | None = None
+        self.dropped_raw = 0  # raw rows the last ``ingest`` dropped (``drop_raw_to``)
         self.checkpointer: Checkpointer | None = None
         if checkpoint_every_s is not None and not readonly:
             wal_backstop(self.db)
@@ -136,21 +138,24 @@ class Store(ModelTables, NetworkTables, LabelTables):
         keep_raw: bool,
         outputs: list[Output] | None = None,
         mark_published: list[int] | None = None,
+        drop_raw: tuple[int, int, int] = (0, 0, 0),
     ) -> list[int]:
         """Store a batch of new events with their features (channels, bins) and rejected messages in one
-        transaction; return event IDs. Events whose (sensor, seq) is stored already are skipped (ID -1).
-        ``outputs`` (one per event, ``event_id`` ignored) are stored with the events they belong to, and
+        transaction, and drop the raw samples ``drop_raw`` (from ``raw_cutoff``) in it: retention rides with the
+        batch's commit, ``dropped_raw`` says how many rows went; return event IDs. Events whose (sensor,
+        seq) is stored already are skipped (ID -1). ``outputs`` (one per event, ``event_id`` ignored) are stored
+        with the events they belong to, and
         ``mark_published`` outputs are marked, in the same transaction: one commit per batch when the loop is
         caught up. Raises on disk errors (``sqlite3.OperationalError``), having rolled back: nothing of the batch
         is stored, so nothing of it may be acked. Any other error is one event's: the batch is stored again event
         by event, and an event the store cannot hold is quarantined (reason ``store``) with the ID ``REFUSED``,
         to be acked as rejected."""
         try:
-            return self._ingest(events, features, rejects, keep_raw, outputs, mark_published)
+            return self._ingest(events, features, rejects, keep_raw, outputs, mark_published, drop_raw)
         except sqlite3.OperationalError:
             raise
         except Exception:  # rolled back; found below, event by event
-            return self._ingest(events, features, rejects, keep_raw, outputs, mark_published, one_by_one=True)
+            return self._ingest(events, features, rejects, keep_raw, outputs, mark_published, drop_raw, True)
 
     def _ingest(
         self,
@@ -160,9 +165,11 @@ class Store(ModelTables, NetworkTables, LabelTables):
         keep_raw: bool,
         outputs: list[Output] | None,
         mark_published: list[int] | None,
+        due: tuple[int, int, int],
         one_by_one: bool = False,
     ) -> list[int]:
         now = time.time_ns()
+        self.dropped_raw = 0
         ids: list[int] = []
         feature_rows: list[tuple[int, bytes]] = []
         raw: list[tuple[int, bytes]] = []
@@ -192,8 +199,10 @@ class Store(ModelTables, NetworkTables, LabelTables):
             self._flush(feature_rows, raw, out_rows)
             self.db.executemany(MARK_PUBLISHED, [(i,) for i in mark_published or []])
             insert_quarantine_rows(self.db, [(now, *q) for q in rejects])
+            if due[0]:
+                self.dropped_raw = drop_raw(self.db, due[0])
         if self._raw_bytes is not None:
-            self._raw_bytes += added
+            self._raw_bytes += added - (due[2] if due[0] else 0)
         return ids
 
     def _flush(self, features: list[Any], raw: list[Any], outputs: list[Any]) -> None:
@@ -304,37 +313,22 @@ class Store(ModelTables, NetworkTables, LabelTables):
             self._raw_bytes = int(self.db.execute("SELECT coalesce(sum(length(samples)), 0) FROM raw").fetchone()[0])
         return self._raw_bytes
 
-    def prune_raw(self, max_age_s: float | None, max_bytes: int | None) -> int:
-        """Drop raw samples older than ``max_age_s`` and then the oldest until under ``max_bytes``; return rows
-        dropped. Features are written with the event, so nothing unfeaturised is ever dropped."""
-        total = self.raw_bytes()
-        cutoff_id = 0
-        if max_age_s is not None:
-            cutoff = time.time_ns() - int(max_age_s * 1e9)
-            oldest = int(self.db.execute("SELECT coalesce(min(event_id), 0) FROM raw").fetchone()[0])
-            # IDs grow with arrival: the first young event from the oldest kept one on bounds what is too old
-            young = self.db.execute(
-                "SELECT id FROM events WHERE id >= ? AND received_ns >= ? ORDER BY id LIMIT 1", (oldest, cutoff)
-            ).fetchone()
-            cutoff_id = int(young[0]) - 1 if young else self.max_event_id()
-        if max_bytes is not None and total > max_bytes:
-            acc = total
-            for eid, size in self.db.execute("SELECT event_id, length(samples) FROM raw ORDER BY event_id"):
-                if acc <= max_bytes:
-                    break
-                acc -= size
-                cutoff_id = max(cutoff_id, eid)
-        if cutoff_id == 0:
+    def prune_raw(self, max_age_s: float | None, max_bytes: int | None, limit: int | None = None) -> int:
+        """Drop raw samples older than ``max_age_s`` and then the oldest until under ``max_bytes``, at most ``limit``
+        rows (the oldest) in a transaction of its own; return rows dropped (``daemon.store.retention``)."""
+        due = self.raw_cutoff(max_age_s, max_bytes, limit)
+        if not due[0]:
             return 0
         with self._tx():
-            freed = int(
-                self.db.execute(
-                    "SELECT coalesce(sum(length(samples)), 0) FROM raw WHERE event_id <= ?", (cutoff_id,)
-                ).fetchone()[0]
-            )
-            dropped = self.db.execute("DELETE FROM raw WHERE event_id <= ?", (cutoff_id,)).rowcount
-        self._raw_bytes = total - freed
+            dropped = drop_raw(self.db, due[0])
+        self._raw_bytes = self.raw_bytes() - due[2]
         return dropped
+
+    def raw_cutoff(
+        self, max_age_s: float | None, max_bytes: int | None, limit: int | None = None
+    ) -> tuple[int, int, int]:
+        """Raw samples due to go (``retention.raw_cutoff``): (newest event ID, rows, bytes); (0, 0, 0): none."""
+        return raw_cutoff(self.db, self.raw_bytes(), max_age_s, max_bytes, limit, self.max_event_id)
 
     def file_bytes(self) -> int:
         """Bytes of the database and its write-ahead log."""
