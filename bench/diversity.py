@@ -16,8 +16,9 @@ clusters. Baselines, fitted on the same training events: PCA(2)+GMM and PCA(10)+
 
 Scores per seed: the number of clusters (K), richness error per day (worst day) and overall, mean relative error
 of the daily q1 and q2, Spearman ρ of the daily q1 trend, ARI against the true species, and the share of days
-whose 95 % interval of estimated q0 (``model.diversity``) covers the true richness. A cluster counts towards a
-window's richness when it holds at least ``model.cluster.present_min(n)`` of the window's n events.
+whose 95 % interval of estimated q0 (``model.diversity``) covers the true richness. A window's observed Hill
+numbers are those of its clusters present (``model.diversity.present``: at least ``present_min(n)`` of its n
+events), as ``wingbeat diversity`` reports them.
 
 Usage: python bench/diversity.py [--seeds 10 11 12] [--scenarios daemon user] [--json FILE]
 """
@@ -50,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 from daemon.data.simulate import COMMUNITIES, SimConfig, hill, simulate_deployment
 from daemon.ops.config import Training
 from model.beta import BetaConfig
-from model.cluster import ClusterConfig, cluster_quality, fit_clusterer, present_min
+from model.cluster import ClusterConfig, cluster_quality, fit_clusterer
+from model.diversity import present
 from model.spectra import FeatureConfig, featurise_events
 from model.train import TrainConfig, batch_size_for, encode_mu, fit
 from model.vae import VAE, VAEConfig
@@ -177,11 +179,14 @@ def q0_interval(counts: np.ndarray, seed: int) -> tuple[float, float] | None:
     return float(lo), float(hi)
 
 
+def counted(counts: np.ndarray, rule: str) -> np.ndarray:
+    """The abundances a window's observed Hill numbers are read from: every cluster with an event (``"any"``) or
+    the clusters present (``model.diversity.present``, as ``wingbeat diversity`` counts them)."""
+    return counts[counts > 0] if rule == "any" else present(counts)
+
+
 def richness(counts: np.ndarray, rule: str) -> int:
-    """Clusters present in a window of ``counts``: any event (``"any"``) or at least ``present_min`` events."""
-    n = int(counts.sum())
-    need = 1 if rule == "any" else present_min(n)
-    return int((counts >= need).sum())
+    return len(counted(counts, rule))
 
 
 def score(pred: np.ndarray, species: np.ndarray, day: np.ndarray, truth: dict[str, Any], rule: str) -> dict[str, Any]:
@@ -191,7 +196,7 @@ def score(pred: np.ndarray, species: np.ndarray, day: np.ndarray, truth: dict[st
     rich_err, q1e, q2e, q1_est, q1_true, covered = [], [], [], [], [], []
     for d, w in enumerate(truth["daily"]):
         c = np.array([(pred[day == d] == i).sum() for i in ids])
-        h, t = hill(c), w["hill"]
+        h, t = hill(counted(c, rule)), w["hill"]
         rich_err.append(richness(c, rule) - t["q0"])
         q1e.append(abs(h["q1"] - t["q1"]) / t["q1"])
         q2e.append(abs(h["q2"] - t["q2"]) / t["q2"])

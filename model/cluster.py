@@ -31,12 +31,13 @@ import scipy.spatial.distance
 import sklearn.metrics
 from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
 
-from model.kchoice import PRESENT_FLOOR, PRESENT_SHARE, present_min, split_further, ward_cut
+from model.kchoice import PRESENT_FLOOR, PRESENT_FROM, PRESENT_SHARE, present_min, split_further, ward_cut
 from model.mixture import NOVEL, Assignment, LatentClusterer
 
 __all__ = [
     "NOVEL",
     "PRESENT_FLOOR",
+    "PRESENT_FROM",
     "PRESENT_SHARE",
     "Assignment",
     "ClusterConfig",

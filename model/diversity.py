@@ -18,6 +18,7 @@ import numpy as np
 import scipy.stats
 
 from model.hill import Q, as_counts, chao1_undetected, estimate_rows, estimated, observed, sample_coverage
+from model.kchoice import present_min
 from model.rarefaction import (
     coverage_at_size,
     hill_at_coverage,
@@ -40,11 +41,13 @@ __all__ = [
     "hill_at_coverage",
     "hill_at_size",
     "observed",
+    "present",
     "rarefaction_curve",
     "sample_coverage",
     "size_for_coverage",
     "sorensen",
     "summarise",
+    "window_summary",
 ]
 
 
@@ -157,3 +160,22 @@ def summarise(counts: Any, seed: int = 0, n_boot: int = 200) -> Summary:
     else:
         ci = _intervals(x, obs, est, int(n_boot), seed, 0.95)
     return Summary(n=int(x.sum()), observed=obs, estimated=est, ci95=ci, coverage=sample_coverage(x))
+
+
+def present(counts: Any) -> np.ndarray:
+    """The abundances of the clusters present in a window: those holding at least ``present_min(n)`` of its n
+    events (``model.kchoice``). A cluster with fewer holds stray events: misassigned ones, or a species too rare
+    in the window to tell from them."""
+    x = as_counts(counts)
+    return x[x >= present_min(int(x.sum()))]
+
+
+def window_summary(counts: Any, seed: int = 0, n_boot: int = 200) -> dict[str, Any]:
+    """A window's figures as Wingbeat reports them (JSON-ready): ``observed`` Hill numbers of the clusters present
+    (``present``), ``stray`` the events of the others; ``estimated``, ``ci95`` and ``coverage`` from every count
+    (:func:`summarise`), because the estimators read the community's unseen part off its rarest clusters."""
+    out = summarise(counts, seed, n_boot).to_dict()
+    kept = present(counts)
+    out["observed"] = {k: _json_number(v) for k, v in observed(kept).items()}
+    out["stray"] = int(as_counts(counts).sum() - kept.sum())
+    return out

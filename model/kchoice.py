@@ -11,6 +11,7 @@ import sklearn.metrics
 
 PRESENT_SHARE = 0.005  # present_min: share of a window's events a cluster needs to count as present
 PRESENT_FLOOR = 2  # … and never fewer events than this
+PRESENT_FROM = 50  # … in windows of at least this many events; in smaller ones every cluster with an event counts
 
 
 def ward_cut(z: np.ndarray, k_max: int, tolerance: float = 0.0) -> tuple[np.ndarray, float]:
@@ -65,13 +66,15 @@ def split_further(z: np.ndarray, lab: np.ndarray, k_max: int, threshold: float, 
     return lab
 
 
-def present_min(n_events: int, share: float = PRESENT_SHARE, floor: int = PRESENT_FLOOR) -> int:
-    """Events a cluster needs in a window of ``n_events`` to count as present there (richness, q0).
+def present_min(
+    n_events: int, share: float = PRESENT_SHARE, floor: int = PRESENT_FLOOR, start: int = PRESENT_FROM
+) -> int:
+    """Events a cluster needs in a window of ``n_events`` to count as present there (the observed Hill numbers).
 
     A misassigned event lands in some other cluster, so on a day when a species is absent its cluster still
     collects stray events of its neighbours, in proportion to the window's size; one or two such events are
     not evidence that the species flew. A cluster counts when it holds at least ``floor`` events and at least
-    ``share`` of the window's events (rounded up). q1 and q2 are computed from every count: the strays weigh
-    next to nothing in them.
+    ``share`` of the window's events (rounded up). Below ``start`` events (a quiet hour) strays are few and one
+    event is a large share of the window: every cluster with an event counts.
     """
-    return max(floor, math.ceil(share * n_events))
+    return 1 if n_events < start else max(floor, math.ceil(share * n_events))

@@ -255,14 +255,39 @@ def test_most_agreeing_partition_known_answer():
 
 
 def test_present_min_counts_a_cluster_only_beyond_stray_events():
-    from model.cluster import PRESENT_FLOOR, PRESENT_SHARE, present_min
+    from model.cluster import PRESENT_FLOOR, PRESENT_FROM, PRESENT_SHARE, present_min
 
-    assert (PRESENT_FLOOR, PRESENT_SHARE) == (2, 0.005)
-    assert present_min(10) == 2  # the floor: one stray event is not a species
+    assert (PRESENT_FLOOR, PRESENT_SHARE, PRESENT_FROM) == (2, 0.005, 50)
+    assert present_min(10) == present_min(49) == 1  # a quiet window: every cluster with an event counts
+    assert present_min(50) == 2  # the floor: one stray event among 50 is not a species
     assert present_min(400) == 2
     assert present_min(401) == 3  # 0.5 % of 401 = 2.005, rounded up
     assert present_min(4000) == 20
     assert present_min(100, share=0.05, floor=1) == 5
+    assert present_min(20, start=10) == 2
+
+
+def test_a_window_counts_the_clusters_present_and_estimates_from_every_count():
+    """``window_summary``: observed Hill numbers of the clusters holding at least ``present_min(n)`` events, the
+    others' events as ``stray``; the estimates, intervals and coverage read every count (Chao1 needs the
+    singletons)."""
+    from model.diversity import present, summarise, window_summary
+
+    counts = [100, 50, 1, 1]  # 152 events: a cluster needs 2
+    assert present(counts).tolist() == [100, 50]
+    w = window_summary(counts, seed=3)
+    p = np.array([100, 50]) / 150
+    assert w["observed"]["q0"] == 2 and w["stray"] == 2
+    assert w["observed"]["q1"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+    assert w["observed"]["q2"] == pytest.approx(1 / (p**2).sum())
+    full = summarise(counts, seed=3).to_dict()
+    assert {k: w[k] for k in ("estimated", "ci95", "coverage")} == {
+        k: full[k] for k in ("estimated", "ci95", "coverage")
+    }
+    assert w["estimated"]["q0"] == pytest.approx(4 + 2 * 1 / 2 * (151 / 152))  # Chao1: f1 = 2, f2 = 0
+    assert w["estimated"]["q0"] >= w["observed"]["q0"]
+    quiet = window_summary([1, 1, 1])  # 3 events: every cluster counts
+    assert quiet["observed"]["q0"] == 3 and quiet["stray"] == 0
 
 
 def test_cluster_quality_is_higher_for_separated_groups():

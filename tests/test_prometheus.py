@@ -29,6 +29,7 @@ from daemon.cli.clients import events_of, replay
 from daemon.data.datasets import read_recordings
 from daemon.ops.metrics import Metrics, MetricsServer
 from daemon.protocol import decode_ack
+from model.cluster import present_min
 
 PROM = ROOT / "deploy" / "prometheus"
 ALERTS = PROM / "alerts.yml"
@@ -406,7 +407,9 @@ def check_live_diversity(d: Daemon, prom: Prometheus, summaries: zmq.Socket[byte
     for s in short:
         assert SUMMARY_FIELDS <= set(s) and s["station"] == "" and s["model_version"] is not None, s
         assert s["events"] == s["novel"] + sum(s["abundance"].values()) and s["end"] > s["start"], s
-        assert s["observed"]["q0"] == len(s["abundance"]) and 0 <= s["coverage"] <= 1, s
+        need = present_min(sum(s["abundance"].values()))  # the clusters present: strays are not counted
+        assert s["observed"]["q0"] == sum(n >= need for n in s["abundance"].values()) and 0 <= s["coverage"] <= 1, s
+        assert s["stray"] == sum(n for n in s["abundance"].values() if n < need), s
     total: dict[str, int] = {}
     for s in short:
         for c, n in s["abundance"].items():

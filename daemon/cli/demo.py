@@ -247,9 +247,10 @@ def _diversity_table(state: Path, t0_ns: np.ndarray, truth: np.ndarray, root: Pa
     served = {w["start"][:10]: w for w in diversity_windows(state, "day", as_served=True)}
     day_of = (np.asarray(t0_ns, np.int64) // DAY_NS).astype(np.int64)
     print("\ndiversity per UTC day of event time: clusters found by the daemon vs the simulated species (true)")
-    print("  q0 = richness, q1 = exp(Shannon), q2 = inverse Simpson, in effective numbers of species;")
+    print("  q0 = richness, q1 = exp(Shannon), q2 = inverse Simpson, in effective numbers of species, of the clusters")
+    print("  present (from 50 events a day: at least 2 events and 0.5 % of them; fewer are strays);")
     print(
-        "  estimated q0 = Chao1 from the clusters found, with its 95 % bootstrap interval; novel events (−1) left out"
+        "  estimated q0 = Chao1 from every cluster found, with its 95 % bootstrap interval; novel events (−1) left out"
     )
     print(f"{'':18}{'q0':^13}{'q1':^15}{'q2':^15}")
     pairs = f"{'found':>6} {'true':>5} {'found':>7} {'true':>6} {'found':>7} {'true':>6}"

@@ -9,14 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from model.diversity import dissimilarity, rarefaction_curve, summarise
+from model.diversity import dissimilarity, rarefaction_curve, window_summary
 
 ORDERS = ("q0", "q1", "q2")
 
 
 def day_windows(counts: np.ndarray, days: list[str], seed: int = 0) -> list[dict[str, Any]]:
-    """One dict per day: ``day``, ``events``, ``observed``, ``estimated``, ``ci95`` ({q: [lo, hi]}) and
-    ``coverage`` (None where unknown).
+    """One dict per day: ``day``, ``events``, ``observed`` (of the clusters present), ``estimated``, ``ci95``
+    ({q: [lo, hi]}), ``coverage`` (None where unknown) and ``stray`` (``model.diversity.window_summary``).
 
     Parameters
     ----------
@@ -27,9 +27,9 @@ def day_windows(counts: np.ndarray, days: list[str], seed: int = 0) -> list[dict
     for day, x in zip(days, np.asarray(counts, np.int64), strict=True):
         if x.sum() == 0:
             zero = dict.fromkeys(ORDERS, 0.0)
-            figures: dict[str, Any] = {"observed": zero, "estimated": zero, "ci95": {}, "coverage": None}
+            figures: dict[str, Any] = {"observed": zero, "estimated": zero, "ci95": {}, "coverage": None, "stray": 0}
         else:
-            figures = summarise(x, seed=seed).to_dict()
+            figures = window_summary(x, seed=seed)
         out.append({"day": day, "events": int(x.sum()), **figures})
     return out
 

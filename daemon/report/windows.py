@@ -161,14 +161,20 @@ def window_record(
 
 
 def summary(counts: np.ndarray, seed: int = 0) -> dict[str, Any]:
-    """observed / estimated / ci95 / coverage of abundances ``counts`` (clusters,); zeros and no coverage when
-    nothing was counted."""
+    """observed (of the clusters present) / estimated / ci95 / coverage / stray of abundances ``counts``
+    (clusters,), ``model.diversity.window_summary``; zeros and no coverage when nothing was counted."""
     if counts.sum() == 0:
         zero = {f"q{q}": 0.0 for q in (0, 1, 2)}
-        return {"observed": zero, "estimated": dict(zero), "ci95": {k: [0.0, 0.0] for k in zero}, "coverage": None}
-    from model.diversity import summarise
+        return {
+            "observed": zero,
+            "estimated": dict(zero),
+            "ci95": {k: [0.0, 0.0] for k in zero},
+            "coverage": None,
+            "stray": 0,
+        }
+    from model.diversity import window_summary
 
-    return dict(summarise(counts, seed=seed).to_dict())
+    return window_summary(counts, seed=seed)
 
 
 def network(windows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from daemon.ops.config import Diversity as DiversityConfig
 from daemon.ops.metrics import Metrics
 from daemon.report.windows import iso, window_record
 from model.cluster import NOVEL
-from model.diversity import Q, estimated, observed, sample_coverage
+from model.diversity import Q, estimated, observed, present, sample_coverage
 
 WINDOWS = {"1h": 3600, "24h": 86400}  # rolling windows of the gauges: label → seconds
 BUCKET_S = 60
@@ -147,7 +147,7 @@ class LiveDiversity:
         for w, r in self.rolling.items():
             r.expire(b)
             x = np.array([r.total.get(c, 0) for c in sorted(self.served)], np.int64)
-            obs, est = observed(x), estimated(x)
+            obs, est = observed(present(x)), estimated(x)  # as ``wingbeat diversity`` counts a window
             for q in Q:
                 m.diversity.labels(q[1:], w).set(obs[q])
                 m.diversity_estimated.labels(q[1:], w).set(est[q])
