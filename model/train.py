@@ -214,9 +214,12 @@ def fit(
     forward = shard.wrap(model) if shard is not None else model  # DDP: broadcasts rank 0's weights
     rank, world = (shard.rank, shard.world) if shard is not None else (0, 1)
     step = max(1, cfg.batch_size // world)
-    # foreach: one kernel per Adam op over all parameters instead of one per parameter; the same arithmetic, so the
-    # same weights (on the CPU torch picks the per-parameter loop unless asked)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
+    # One process: the parameters become views of one flat tensor, their gradients views of another, and Adam steps
+    # that one tensor (one kernel per op, not one per parameter, and no per-parameter bookkeeping); the same
+    # arithmetic element by element, so the same weights. DDP keeps its own gradient buckets: per-parameter Adam.
+    flat = _flatten(model) if shard is None else None
+    params = [flat] if flat is not None else list(model.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr, foreach=True)
     label_loss = losses.prototype if cfg.gamma.loss == "prototype" else losses.cluster_ratio
     history: list[EpochStats] = []
     good = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
@@ -246,7 +249,10 @@ def fit(
             loss = rec + beta * kl_loss
             cls = label_loss(mu, yt.index_select(0, idx)) if gamma > 0 else rec.new_zeros(())
             loss = loss + gamma * cls
-            opt.zero_grad(set_to_none=True)
+            if flat is not None:
+                flat.grad.zero_()  # type: ignore[union-attr]  # the parameters' gradients are views of it
+            else:
+                opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             parts.append(torch.stack([rec.detach(), kl.detach(), cls.detach()]))
@@ -256,11 +262,13 @@ def fit(
             shard.all_sum(sums)  # the epoch's losses over every rank: each takes the same β from them
         rec_m, kl_m, cls_m = (sums / n_used).tolist()
         finite = all(math.isfinite(v) for v in (rec_m, kl_m, cls_m)) and all(
-            bool(torch.isfinite(p).all()) for p in model.parameters()
+            bool(torch.isfinite(p).all()) for p in params
         )
         if not finite:  # roll back to the last good epoch and train it again with fresh noise and order
             recoveries += 1
             if recoveries > cfg.max_recoveries:
+                if flat is not None:
+                    _own_storage(model)
                 raise TrainingDiverged(f"non-finite loss or weights {recoveries} times (last at epoch {epoch})")
             model.load_state_dict(good[0])
             opt.load_state_dict(good[1])
@@ -288,8 +296,34 @@ def fit(
         epoch += 1
     if select == "last" or best[1] < 0:
         best = (math.nan, epochs - 1, good[0])
-    model.load_state_dict(best[2])
-    return TrainResult(best[2], history, best[1], schedule, recoveries, val_idx)
+    if flat is not None:
+        _own_storage(model)
+    state = {k: v.clone() for k, v in best[2].items()}  # copies of views of the flat tensor: a tensor each
+    model.load_state_dict(state)
+    return TrainResult(state, history, best[1], schedule, recoveries, val_idx)
+
+
+def _flatten(model: torch.nn.Module) -> torch.nn.Parameter:
+    """Make ``model``'s parameters views of one flat parameter, and their gradients views of its gradient (zeros):
+    backward then accumulates into the flat gradient in place. Returns the flat parameter."""
+    params = list(model.parameters())
+    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+    flat.grad = torch.zeros_like(flat)
+    at = 0
+    for p in params:
+        n = p.numel()
+        p.data = flat.data[at : at + n].view_as(p)
+        p.grad = flat.grad[at : at + n].view_as(p)
+        at += n
+    return flat
+
+
+def _own_storage(model: torch.nn.Module) -> None:
+    """Undo ``_flatten``: each parameter in a tensor of its own again, without a gradient, as a module's parameters
+    usually are (safetensors, for one, refuses tensors that share memory)."""
+    for p in model.parameters():
+        p.data = p.data.clone()
+        p.grad = None
 
 
 @torch.no_grad()

@@ -191,3 +191,45 @@ def test_small_sets_get_three_restarts():
     assert TrainConfig().restarts == 1 and TrainConfig(seed=2).restart_seeds() == [2]
     with pytest.raises(ValueError, match="restarts must be >= 1"):
         TrainConfig(restarts=0)
+
+
+def test_one_flat_adam_steps_as_adam_per_parameter_and_fit_leaves_parameters_of_their_own():
+    """fit (one process) steps Adam on one flat tensor whose views are the parameters: the same weights, bit for
+    bit, as Adam over the parameters one by one; after fit each parameter is a tensor of its own again."""
+    import safetensors.torch
+
+    from model.train import _flatten
+
+    x = torch.from_numpy(toy(64)[0].reshape(64, -1))
+    torch.manual_seed(5)
+    flat_model = VAE(VAEConfig(n_in=40))
+    each_model = VAE(VAEConfig(n_in=40))
+    each_model.load_state_dict(flat_model.state_dict())
+    flat = _flatten(flat_model)
+    params = list(flat_model.parameters())
+    assert all(p.data.untyped_storage().data_ptr() == flat.data.untyped_storage().data_ptr() for p in params)
+    flat_opt = torch.optim.Adam([flat], lr=1e-3, foreach=True)
+    each_opt = torch.optim.Adam(each_model.parameters(), lr=1e-3, foreach=True)
+    for step in range(5):
+        for model, opt in ((flat_model, flat_opt), (each_model, each_opt)):
+            torch.manual_seed(step)  # the same reparameterisation noise
+            if model is flat_model:
+                flat.grad.zero_()
+            else:
+                opt.zero_grad(set_to_none=True)
+            recon, mu, logvar = model(x)
+            (losses.reconstruction(recon, x) + losses.kl_standard_normal(mu, logvar)).backward()
+            opt.step()
+    assert float(flat.grad.abs().sum()) > 0  # backward accumulated into the flat gradient
+    for (k, a), b in zip(flat_model.state_dict().items(), each_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert not torch.equal(
+        flat_model.state_dict()["encoder.0.weight"], VAE(VAEConfig(n_in=40)).state_dict()["encoder.0.weight"]
+    )
+
+    model = VAE(VAEConfig(n_in=40))
+    result = fit(model, x, TrainConfig(epochs=3, batch_size=16))
+    storages = {p.data.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(storages) == len(list(model.parameters())) and all(p.grad is None for p in model.parameters())
+    safetensors.torch.save(model.state_dict())  # refuses tensors that share memory
+    safetensors.torch.save(result.state_dict)
