@@ -1,7 +1,7 @@
 """Retention of raw samples: which rows are due to go, and dropping them inside the caller's transaction.
 
 ``Store.prune_raw`` drops them in a transaction of its own; the serving loop has them dropped with a batch's commit
-(``Store.ingest(drop_raw_to=…)``), a bounded number at a time: freeing a row's overflow pages costs about a tenth
+(``Store.ingest(drop_raw=…)``), a bounded number at a time: freeing a row's overflow pages costs about a tenth
 of a millisecond, so a store at its limit drops a few rows with each batch, not thousands in one stall, and with
 no commit (and fsync) of its own.
 """
