@@ -78,7 +78,7 @@ class Store(ModelTables, NetworkTables, LabelTables):
             self._migrate()
         self.db.execute("PRAGMA foreign_keys=OFF")
         self._raw_bytes: int | None = None
-        self.dropped_raw = 0  # raw rows the last ``ingest`` dropped (``drop_raw_to``)
+        self.dropped_raw = 0  # raw rows the last ``ingest`` dropped (``drop_raw``)
         self.checkpointer: Checkpointer | None = None
         if checkpoint_every_s is not None and not readonly:
             wal_backstop(self.db)
