@@ -33,24 +33,43 @@ def hill(counts: list[int]) -> dict[str, float]:
     return {"q0": float(len(counts)), "q1": float(np.exp(-(p * np.log(p)).sum())), "q2": float(1 / (p**2).sum())}
 
 
-def build(state: Path, events: Sequence[tuple[str, str, str, int, int | None, int | None]], serving: int) -> None:
-    """A store of ``events`` (station, sensor, UTC time, served version, published cluster, serving version's
-    re-labelled cluster or None); versions 1…``serving`` recorded, the last serving."""
+def put_events(
+    state: Path, rows: Sequence[tuple[str, str, int, int | None, int, dict[int, int]]], versions: int
+) -> None:
+    """A store of ``rows`` (station, sensor, t0_ns, served version or None, published cluster, {version: its
+    re-labelled cluster}); versions 1…``versions`` recorded as serving, the last one serving now."""
     store = Store(state)
     with store._tx():
-        for i, (station, sensor, t, version, cluster, label) in enumerate(events, start=1):
+        for i, (station, sensor, t0, served, cluster, labels) in enumerate(rows, start=1):
             store.db.execute(
                 "INSERT INTO events (id, station, sensor, seq, t0_ns, fs, dtype, channels, n_samples, received_ns)"
                 " VALUES (?, ?, ?, ?, ?, 9000.0, 'int16', 1, 8, 0)",
-                (i, station, sensor, i, ns(t)),
+                (i, station, sensor, i, t0),
             )
-            if cluster is not None:
-                store.db.execute("INSERT INTO outputs VALUES (?, ?, ?, 1.0, 0.0, 0.0, '[]', 1)", (i, version, cluster))
-            if label is not None:
-                store.db.execute("INSERT INTO labels VALUES (?, ?, ?)", (serving, i, label))
-    for v in range(1, serving + 1):
+            if served is not None:
+                store.db.execute("INSERT INTO outputs VALUES (?, ?, ?, 1.0, 0.0, 0.0, '[]', 1)", (i, served, cluster))
+            for v, label in labels.items():
+                store.db.execute("INSERT INTO labels VALUES (?, ?, ?)", (v, i, label))
+    for v in range(1, versions + 1):
         store.record_model(v, "serving", "full", {})
     store.close()
+
+
+def build(state: Path, events: Sequence[tuple[str, str, str, int, int | None, int | None]], serving: int) -> None:
+    """A store of ``events`` (station, sensor, UTC time, served version, published cluster, serving version's
+    re-labelled cluster or None); versions 1…``serving`` recorded, the last serving."""
+    rows = [
+        (
+            station,
+            sensor,
+            ns(t),
+            version if cluster is not None else None,
+            cluster or 0,
+            {} if label is None else {serving: label},
+        )
+        for station, sensor, t, version, cluster, label in events
+    ]
+    put_events(state, rows, serving)
 
 
 # (station, sensor, time, served by, published cluster, re-labelled cluster by the serving version 2)
@@ -255,22 +274,7 @@ def random_store(state: Path, seed: int, huge: bool = False) -> list[tuple[str, 
         events.append((station, sensor, int(t), served, cluster, labels))
     if huge:
         events[0] = (*events[0][:3], 2**40, 2**41, {3: -(2**45)})
-    store = Store(state)
-    with store._tx():
-        for i, (station, sensor, t0, served, cluster, labels) in enumerate(events, start=1):
-            store.db.execute(
-                "INSERT INTO events (id, station, sensor, seq, t0_ns, fs, dtype, channels, n_samples, received_ns)"
-                " VALUES (?, ?, ?, ?, ?, 9000.0, 'int16', 1, 8, 0)",
-                (i, station, sensor, i, t0),
-            )
-            if served is not None:
-                store.db.execute("INSERT INTO outputs VALUES (?, ?, ?, 1.0, 0.0, 0.0, '[]', 1)", (i, served, cluster))
-            for v, label in labels.items():
-                if v != served:
-                    store.db.execute("INSERT INTO labels VALUES (?, ?, ?)", (v, i, label))
-    for v in (1, 2, 3):
-        store.record_model(v, "serving", "full", {})
-    store.close()
+    put_events(state, [(*e[:5], {v: lab for v, lab in e[5].items() if v != e[3]}) for e in events], versions=3)
     return events
 
 
