@@ -174,8 +174,9 @@ def window_summary(counts: Any, seed: int = 0, n_boot: int = 200) -> dict[str, A
     """A window's figures as Wingbeat reports them (JSON-ready): ``observed`` Hill numbers of the clusters present
     (``present``), ``stray`` the events of the others; ``estimated``, ``ci95`` and ``coverage`` from every count
     (:func:`summarise`), because the estimators read the community's unseen part off its rarest clusters."""
-    out = summarise(counts, seed, n_boot).to_dict()
-    kept = present(counts)
+    x = as_counts(counts)
+    out = summarise(x, seed, n_boot).to_dict()
+    kept = present(x)
     out["observed"] = {k: _json_number(v) for k, v in observed(kept).items()}
-    out["stray"] = int(as_counts(counts).sum() - kept.sum())
+    out["stray"] = int(x.sum() - kept.sum())
     return out
