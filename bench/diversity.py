@@ -222,9 +222,11 @@ def met(row: dict[str, Any]) -> dict[str, bool | None]:
 
 
 def pick_snapshot(tr: dict[str, np.ndarray], cfg: ClusterConfig) -> tuple[np.ndarray, np.ndarray, int]:
-    """The snapshot (after warm-up) whose training events cluster best by ``cluster_quality``: latent, error, epoch."""
+    """The snapshot (after warm-up) whose training events cluster best by ``cluster_quality``: latent, error, epoch.
+    As ``model.train``'s ``select="cluster"``: a latent with no active dimension is no candidate, and with no
+    candidate the last snapshot is kept."""
     n = int(tr["n_train"])
-    best = (-np.inf, 0)
+    best = (-np.inf, len(tr["snap_epochs"]) - 1)
     for i, ep in enumerate(tr["snap_epochs"]):
         if ep < 25:
             continue

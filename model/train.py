@@ -161,7 +161,7 @@ def selection_score(val_rec: float, val_kl: float) -> float:
 def _cluster_score(model: VAE, xt: torch.Tensor, cfg: TrainConfig, epoch: int, epochs: int) -> float:
     """``select="cluster"``: minus the label-free clustering quality of the training events' latent
     (``model.cluster.cluster_quality``, lower is better) on every ``cfg.select_every``-th epoch and the last one;
-    NaN (not a candidate) on the others.
+    NaN (not a candidate) on the others, and where the latent has no active dimension yet (``cluster_quality``).
 
     The held-out ELBO measures how well the model reconstructs, not how well its latent separates groups: on
     simulated deployments it kept latents whose clusters agreed less with the species (docs/RESULTS.md)."""
