@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import time
 from collections.abc import Callable
@@ -179,25 +178,6 @@ def _split(n: int, n_val: int, gen: torch.Generator) -> tuple[torch.Tensor, torc
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def _denormals_flushed(f: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
-    """Run ``f`` with the CPU flushing denormal floats to zero (FTZ/DAZ, as TensorFlow's CPU kernels run), and
-    turn flushing off after. Adam's second moments of tiny gradients fall below 1e-38, where every operation on
-    them takes microcode's slow path (a square root of 105,000 such values: 1.6 ms against 0.05 ms). Against
-    ε = 1e-8 in Adam's denominator they are zero in float32 anyway: a 60-epoch training came out ``torch.equal``
-    with and without flushing, and each epoch about 5 % faster (``make bench``)."""
-
-    @functools.wraps(f)
-    def flushed(*args: Any, **kwargs: Any) -> TrainResult:
-        torch.set_flush_denormal(True)
-        try:
-            return f(*args, **kwargs)
-        finally:
-            torch.set_flush_denormal(False)
-
-    return flushed
-
-
-@_denormals_flushed
 def fit(
     model: VAE,
     x: torch.Tensor,
