@@ -20,7 +20,7 @@ whose 95 % interval of estimated q0 (``model.diversity``) covers the true richne
 numbers are those of its clusters present (``model.diversity.present``: at least ``present_min(n)`` of its n
 events), as ``wingbeat diversity`` reports them.
 
-Usage: python bench/diversity.py [--seeds 10 11 12] [--scenarios daemon user] [--json FILE]
+Usage: python bench/diversity.py [--seeds 10 11 12 13 14 15] [--scenarios daemon user] [--json FILE]
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12])
+    p.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12, 13, 14, 15])
     p.add_argument("--scenarios", nargs="+", default=["daemon", "user"], choices=["daemon", "user"])
     p.add_argument(
         "--methods",
