@@ -28,10 +28,18 @@ import numpy as np
 import scipy.cluster.hierarchy
 import scipy.optimize
 import scipy.spatial.distance
-import sklearn.metrics
 from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
 
-from model.kchoice import PRESENT_FLOOR, PRESENT_FROM, PRESENT_SHARE, present_min, split_further, ward_cut
+from model.kchoice import (
+    PRESENT_FLOOR,
+    PRESENT_FROM,
+    PRESENT_SHARE,
+    active_dims,
+    most_agreeing,
+    present_min,
+    split_further,
+    ward_cut,
+)
 from model.mixture import NOVEL, Assignment, LatentClusterer
 
 __all__ = [
@@ -53,7 +61,6 @@ __all__ = [
 ]
 
 METHODS = ("ward", "dp", "bic")
-ACTIVE_VARIANCE = 0.01  # active_dims: variance over the events of a dimension's mean, against the prior's 1
 
 
 @dataclass(frozen=True)
@@ -241,13 +248,6 @@ def cluster_quality(mu: np.ndarray, cfg: ClusterConfig) -> float:
     return ward_cut(z, cfg.k_max)[1]
 
 
-def active_dims(mu: np.ndarray) -> int:
-    """Latent dimensions in use: those whose mean varies over the events by more than ``ACTIVE_VARIANCE``
-    (Burda, Grosse & Salakhutdinov 2016, "active units"), in the latent's own units, where the prior is N(0, 1)."""
-    x = np.asarray(mu, dtype=np.float64)
-    return int((x.var(axis=0) > ACTIVE_VARIANCE).sum()) if len(x) > 1 else 0
-
-
 def _model_groups(
     sub: np.ndarray, lab: np.ndarray, cfg: ClusterConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -347,31 +347,6 @@ def fit_clusterer(
     clusterer.nll_threshold = float(np.quantile(-clusterer.score_samples(mu), q))
     clusterer.rec_threshold = float(np.quantile(np.asarray(rec_error, np.float64), q))
     return clusterer
-
-
-def most_agreeing(partitions: list[np.ndarray]) -> tuple[int, np.ndarray]:
-    """The partition that agrees best with the others: the highest mean adjusted Rand index against the rest.
-
-    Parameters
-    ----------
-    partitions : each (events,) the clusters one training gives the same events (novel events, −1, are a group).
-
-    Returns
-    -------
-    The index of that partition (the first on a tie) and (partitions,) each one's mean ARI against the others
-    (1.0 for a single partition).
-    """
-    n = len(partitions)
-    if n == 0:
-        raise ValueError("need at least one partition")
-    if len({len(p) for p in partitions}) != 1:
-        raise ValueError(f"partitions must cover the same events, got lengths {[len(p) for p in partitions]}")
-    agree = np.ones((n, n))
-    for i in range(n):
-        for j in range(i + 1, n):
-            agree[i, j] = agree[j, i] = sklearn.metrics.adjusted_rand_score(partitions[i], partitions[j])
-    mean = (agree.sum(axis=1) - 1) / (n - 1) if n > 1 else np.ones(1)
-    return int(np.argmax(mean)), mean
 
 
 def align_ids(

@@ -1,5 +1,6 @@
-"""Choosing and counting clusters without labels (used by ``model.cluster``): Ward cuts scored by the mean
-silhouette, splitting a cut's groups further, and when a cluster counts as present in a window. Pure."""
+"""Choosing and counting clusters without labels (used by ``model.cluster``): which latent dimensions are in
+use, the partition most like the others, Ward cuts scored by the mean silhouette, splitting a cut's groups
+further, and when a cluster counts as present in a window. Pure."""
 
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ import sklearn.metrics
 PRESENT_SHARE = 0.005  # present_min: share of a window's events a cluster needs to count as present
 PRESENT_FLOOR = 2  # … and never fewer events than this
 PRESENT_FROM = 50  # … in windows of at least this many events; in smaller ones every cluster with an event counts
+ACTIVE_VARIANCE = 0.01  # active_dims: variance over the events of a dimension's mean, against the prior's 1
+
+
+def active_dims(mu: np.ndarray) -> int:
+    """Latent dimensions in use: those whose mean varies over the events by more than ``ACTIVE_VARIANCE``
+    (Burda, Grosse & Salakhutdinov 2016, "active units"), in the latent's own units, where the prior is N(0, 1)."""
+    x = np.asarray(mu, dtype=np.float64)
+    return int((x.var(axis=0) > ACTIVE_VARIANCE).sum()) if len(x) > 1 else 0
 
 
 def ward_cut(z: np.ndarray, k_max: int, tolerance: float = 0.0) -> tuple[np.ndarray, float]:
@@ -64,6 +73,31 @@ def split_further(z: np.ndarray, lab: np.ndarray, k_max: int, threshold: float, 
             queue.append(fresh + j - 1)
         queue.append(c)
     return lab
+
+
+def most_agreeing(partitions: list[np.ndarray]) -> tuple[int, np.ndarray]:
+    """The partition that agrees best with the others: the highest mean adjusted Rand index against the rest.
+
+    Parameters
+    ----------
+    partitions : each (events,) the clusters one training gives the same events (novel events, −1, are a group).
+
+    Returns
+    -------
+    The index of that partition (the first on a tie) and (partitions,) each one's mean ARI against the others
+    (1.0 for a single partition).
+    """
+    n = len(partitions)
+    if n == 0:
+        raise ValueError("need at least one partition")
+    if len({len(p) for p in partitions}) != 1:
+        raise ValueError(f"partitions must cover the same events, got lengths {[len(p) for p in partitions]}")
+    agree = np.ones((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            agree[i, j] = agree[j, i] = sklearn.metrics.adjusted_rand_score(partitions[i], partitions[j])
+    mean = (agree.sum(axis=1) - 1) / (n - 1) if n > 1 else np.ones(1)
+    return int(np.argmax(mean)), mean
 
 
 def present_min(
