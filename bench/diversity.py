@@ -5,8 +5,9 @@ seed, communities that change by day, species that appear and vanish, diel activ
 sample rate, wavelengths and noise vary with the seed. Two scenarios train on it without labels:
 
 - ``daemon``: the daemon's first model, exactly as its trainer builds it with the default ``[training]``
-  (``epochs_first`` epochs, its batch and warm-up rule, seed 0 + version 1), on the first 600 events by time;
-  it then labels the whole deployment.
+  (``epochs_first`` epochs, its batch and warm-up rule, seed 0 + version 1, ``first_restarts`` trainings of
+  which the one whose clusters agree best with the others' is kept), on the first 600 events by time; it then
+  labels the whole deployment.
 - ``user``: ``wingbeat train`` on every event of the deployment, given ``--user-epochs`` epochs.
 
 The latent of each training is kept every ``SNAPSHOT`` epochs, so that the kept epoch can be chosen by either
@@ -51,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from daemon.data.simulate import COMMUNITIES, SimConfig, hill, simulate_deployment
 from daemon.ops.config import Training
 from model.beta import BetaConfig
-from model.cluster import ClusterConfig, cluster_quality, fit_clusterer
+from model.cluster import ClusterConfig, cluster_quality, fit_clusterer, most_agreeing
 from model.diversity import present, summarise
 from model.spectra import FeatureConfig, featurise_events
 from model.train import TrainConfig, batch_size_for, encode_mu, fit
@@ -92,14 +93,15 @@ def deployment(s: Setting) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str
     return batch.features[ok], data["label"][ok], day[ok], truth
 
 
-def train_scenario(x: np.ndarray, scenario: str, s: Setting) -> dict[str, np.ndarray]:
-    """Train as ``scenario`` does; (snapshots, events, latent) latents of every event every ``SNAPSHOT`` epochs and
-    at the end, the ELBO-kept epoch's latent, and the epochs of each."""
+def train_scenario(x: np.ndarray, scenario: str, s: Setting, restart: int = 0) -> dict[str, np.ndarray]:
+    """Train as ``scenario`` does (``restart``: the daemon's first model's restart of that index, its seed as
+    ``TrainConfig.restart_seeds`` gives it); (snapshots, events, latent) latents of every event every ``SNAPSHOT``
+    epochs and at the end, the ELBO-kept epoch's latent, and the epochs of each."""
     torch.set_num_threads(1)
     t = Training()
     if scenario == "daemon":
         n = min(len(x), s.first_after)
-        epochs, seed = t.epochs_first, t.seed + 1  # the first version is version 1
+        epochs, seed = t.epochs_first, t.seed + 1 + 100_003 * restart  # the first version is version 1
         cfg = TrainConfig(
             epochs=epochs, batch_size=batch_size_for(n), seed=seed, beta=BetaConfig(warmup=min(25, max(0, epochs // 4)))
         )
@@ -138,13 +140,14 @@ def train_scenario(x: np.ndarray, scenario: str, s: Setting) -> dict[str, np.nda
     }
 
 
-def cached_training(x: np.ndarray, scenario: str, s: Setting, cache: Path) -> dict[str, np.ndarray]:
-    key = hashlib.sha256(json.dumps([asdict(s), scenario, SNAPSHOT, Training().epochs_first]).encode()).hexdigest()
+def cached_training(x: np.ndarray, scenario: str, s: Setting, cache: Path, restart: int = 0) -> dict[str, np.ndarray]:
+    keyed: list[Any] = [asdict(s), scenario, SNAPSHOT, Training().epochs_first] + ([restart] if restart else [])
+    key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()
     path = cache / f"{scenario}-{s.seed}-{key[:12]}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    out = train_scenario(x, scenario, s)
+    out = train_scenario(x, scenario, s, restart)
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, allow_pickle=False, **out)
     return out
@@ -245,23 +248,33 @@ def run_seed(
     rule: str,
     selects: tuple[str, ...] = ("elbo", "cluster"),
     baselines: bool = True,
+    restarts: int = Training().first_restarts,
 ) -> list[dict]:
     x, species, day, truth = deployment(s)
     rows = []
     for scenario in scenarios:
-        tr = cached_training(x, scenario, s, cache)
-        n = int(tr["n_train"])
+        # the daemon's first model: ``training.first_restarts`` trainings, the one whose clusters of the training
+        # events agree best with the others' kept (``model.build``); the user's training: one
+        runs = [cached_training(x, scenario, s, cache, r) for r in range(restarts if scenario == "daemon" else 1)]
+        n = int(runs[0]["n_train"])
         k_train = len(np.unique(species[:n]))
         base = {"seed": s.seed, "scenario": scenario, "species": len(truth["species"]), "species_train": k_train}
+        # the clusterer's seed: the daemon's trainer gives it the first version's training seed (model.build keeps
+        # it for every restart)
+        cseed = Training().seed + 1 if scenario == "daemon" else s.seed
         for name, cfg in methods.items():
             for select in selects:
-                if select == "elbo":
-                    mu, err, epoch = tr["mu"], tr["err"], int(tr["selected"])
-                else:
-                    mu, err, epoch = pick_snapshot(tr, replace(cfg, seed=s.seed))
-                cl = fit_clusterer(mu[:n], err[:n], replace(cfg, seed=s.seed))
-                pred = cl.assign(mu, err).cluster
-                row = {**base, "method": f"{name}/{select}", "epoch": epoch, "k_model": cl.k}
+                fits = []
+                for tr in runs:
+                    if select == "elbo":
+                        mu, err, epoch = tr["mu"], tr["err"], int(tr["selected"])
+                    else:
+                        mu, err, epoch = pick_snapshot(tr, replace(cfg, seed=s.seed))
+                    cl = fit_clusterer(mu[:n], err[:n], replace(cfg, seed=cseed))
+                    fits.append((cl, cl.assign(mu, err).cluster, epoch))
+                kept = most_agreeing([pred[:n] for _, pred, _ in fits])[0]
+                cl, pred, epoch = fits[kept]
+                row = {**base, "method": f"{name}/{select}", "epoch": epoch, "k_model": cl.k, "restart": kept}
                 row.update(score(pred, species, day, truth, rule))
                 row["ari_train"] = float(sklearn.metrics.adjusted_rand_score(species[:n], pred[:n]))
                 rows.append(row)
@@ -332,6 +345,12 @@ def main() -> None:
         help="kept epoch: held-out ELBO (model.train's select=best) or cluster_quality (select=cluster)",
     )
     p.add_argument("--no-baselines", action="store_true", help="leave out PCA+GMM")
+    p.add_argument(
+        "--first-restarts",
+        type=int,
+        default=Training().first_restarts,
+        help="trainings of the daemon's first model, the most agreeing kept (the default: training.first_restarts)",
+    )
     p.add_argument("--days", type=int, default=6)
     p.add_argument("--events", type=int, default=1000)
     p.add_argument("--user-epochs", type=int, default=300)
@@ -344,7 +363,9 @@ def main() -> None:
     t0 = time.monotonic()
     for seed in a.seeds:
         s = Setting(seed=seed, days=a.days, events=a.events, user_epochs=a.user_epochs)
-        rows += run_seed(s, a.scenarios, methods, a.cache, a.richness, tuple(a.select), not a.no_baselines)
+        rows += run_seed(
+            s, a.scenarios, methods, a.cache, a.richness, tuple(a.select), not a.no_baselines, a.first_restarts
+        )
         print(f"seed {seed} done at {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     print(table(rows))
     print()

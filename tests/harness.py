@@ -25,6 +25,7 @@ listen = "127.0.0.1:0"
 cpu_share = 1.0  # tests train at full speed; serving latency is the benchmark's business
 first_after = 240
 epochs_first = 60
+first_restarts = 1  # one first training a test; test_supervision trains the default three
 epochs_full = 60
 epochs_finetune = 10
 finetune_every_events = 100000

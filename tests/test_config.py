@@ -35,6 +35,7 @@ def test_file_then_flags(tmp_path):
         ("[trainingg]\n", "trainingg: unknown key"),
         ("[training]\ndrift_novelty = 2.0\n", "training.drift_novelty: must be in (0, 1]"),
         ("[training]\ndevice = 'tpu'\n", "training.device: must be auto, cpu or cuda"),
+        ("[training]\nfirst_restarts = 0\n", "training.first_restarts: must be at least 1"),
         ("[ingest]\nendpoint = 'localhost:5'\n", "ingest.endpoint: not a ZeroMQ endpoint"),
         ("[metrics]\nlisten = 'nope'\n", "metrics.listen: must be HOST:PORT"),
         ("training = 3\n", "training: must be a table"),
@@ -63,3 +64,9 @@ def test_featurise_threads_default_to_one_core_fewer_than_the_daemon_may_use(mon
     monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert config.Ingest().featurise_threads == threads
     assert config.Ingest(featurise_threads=3).featurise_threads == 3  # a configured count is kept
+
+
+def test_a_first_training_runs_its_epochs_once_a_restart(tmp_path):
+    t = load(write(tmp_path, "[training]\nepochs_first = 20\nfirst_restarts = 4\nepochs_full = 7\n")).training
+    assert (t.total_epochs("first"), t.total_epochs("finetune"), t.total_epochs("full")) == (80, 50, 7)
+    assert Config().training.first_restarts == 3 and Config().training.total_epochs("first") == 900

@@ -51,16 +51,27 @@ def alive(pid: int) -> bool:
 def test_a_fine_tune_replays_older_events_and_the_gate_keeps_a_worse_version_out(tmp_path, sim):
     conf = tmp_path / "c.toml"
     base = CONFIG.replace("first_after = 240", "first_after = 200").replace("finetune_every_events = 100000", "")
-    base = base.replace("gate_rec_tolerance = 1.0", "")
+    base = base.replace("gate_rec_tolerance = 1.0", "").replace("first_restarts = 1", "")  # the default: 3
     conf.write_text(base + "finetune_every_events = 100\nmax_events = 200\ngate_rec_tolerance = 0.5\n")
     d = Daemon(tmp_path / "state", conf)
     try:
         send(d, sim, 0, 200)
         wait_for(lambda: d.status()["serving"] == 1, timeout=180, every=1)
+        # the first model: three trainings from the first version's seed on (0 + 1, then 100,003 apart), the one
+        # whose clusters agree best with the other two's kept; its epochs are reported counted on through them
+        v1 = read_version(d.state / "models" / "v1")
+        r = v1.manifest["restarts"]
+        assert r["seeds"] == [1, 100_004, 200_007] and len(r["agreement"]) == 3
+        assert r["agreement"][r["kept"]] == max(r["agreement"]) and v1.manifest["epochs"] == 60
+        reports = [e for e in d.events() if e.get("event") == "training_epoch" and e.get("model_version") == 1]
+        assert [e["epoch"] for e in reports] == [*range(0, 180, 10), 179] and {e["epochs"] for e in reports} == {180}
+        started = [e for e in d.events() if e.get("event") == "training_started"]
+        assert started[0]["kind"] == "first" and started[0]["epochs"] == 180
         send(d, sim, 200, 300)  # 100 new events: a fine-tune of version 1
         wait_for(lambda: d.status()["serving"] == 2, timeout=180, every=1)
         v2 = read_version(d.state / "models" / "v2")
         assert v2.manifest["kind"] == "finetune" and v2.manifest["parent"] == 1
+        assert v2.manifest["restarts"]["seeds"] == [2]  # a fine-tune continues one model
         # 200 events per training: the newest 100 and an even sample of the 200 before them, from the first on
         assert v2.manifest["data"]["first_event"] == 1 and v2.manifest["data"]["last_event"] == 300
         assert v2.manifest["gate_metrics"]["events"] == 200

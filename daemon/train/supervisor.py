@@ -299,7 +299,7 @@ class Supervisor:
             model_version=version,
             parent=serving or None,
             events=self.schedule.events,
-            epochs=getattr(self.cfg.training, f"epochs_{kind}"),
+            epochs=self.cfg.training.total_epochs(kind),
             pid=run.proc.pid,
         )
         return None
