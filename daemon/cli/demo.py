@@ -41,6 +41,7 @@ listen = "127.0.0.1:0"
 [training]
 first_after = {first}
 epochs_first = 150
+first_restarts = 1
 finetune_every_events = {every}
 epochs_finetune = 40
 full_every_events = 1000000
