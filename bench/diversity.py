@@ -66,6 +66,7 @@ METHODS = {
     "ward+split": ClusterConfig(split_silhouette=0.7),
     "dp": ClusterConfig(method="dp"),
     "bic": ClusterConfig(method="bic"),
+    "modes": ClusterConfig(method="modes"),
 }
 TARGETS = {"richness_day": 1, "richness_all": 1, "q1_err": 0.10, "q2_err": 0.10, "rho": 0.8, "cover": 0.9}
 
@@ -335,7 +336,8 @@ def main() -> None:
         nargs="+",
         default=["ward", "ward+split"],
         choices=sorted(METHODS),
-        help="clusterers to score: model.cluster's methods, and ward+split (groups split again, split_silhouette 0.7)",
+        help="clusterers to score: model.cluster's methods (ward, dp, bic, modes), and ward+split (groups split "
+        "again, split_silhouette 0.7: the daemon's first model)",
     )
     p.add_argument(
         "--select",

@@ -1,6 +1,6 @@
 """Choosing and counting clusters without labels (used by ``model.cluster``): which latent dimensions are in
 use, the partition most like the others, Ward cuts scored by the mean silhouette, splitting a cut's groups
-further, and when a cluster counts as present in a window. Pure."""
+further, the modes of a BIC mixture, and when a cluster counts as present in a window. Pure."""
 
 from __future__ import annotations
 
@@ -8,12 +8,17 @@ import math
 
 import numpy as np
 import scipy.cluster.hierarchy
+import scipy.sparse
+import scipy.sparse.csgraph
+import scipy.stats
 import sklearn.metrics
+from sklearn.mixture import GaussianMixture
 
 PRESENT_SHARE = 0.005  # present_min: share of a window's events a cluster needs to count as present
 PRESENT_FLOOR = 2  # … and never fewer events than this
 PRESENT_FROM = 50  # … in windows of at least this many events; in smaller ones every cluster with an event counts
 ACTIVE_VARIANCE = 0.01  # active_dims: variance over the events of a dimension's mean, against the prior's 1
+RIDGE_POINTS = 41  # one_mode: points on the segment between two components' means where their density is read
 
 
 def active_dims(mu: np.ndarray) -> int:
@@ -73,6 +78,44 @@ def split_further(z: np.ndarray, lab: np.ndarray, k_max: int, threshold: float, 
             queue.append(fresh + j - 1)
         queue.append(c)
     return lab
+
+
+def one_mode(weights: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> bool:
+    """Whether two weighted Gaussians (weights (2,), means (2, d), covariances (2, d, d)) make one mode: their
+    density read along the segment between the means has no dip, no point lower than the highest point on
+    either side of it. A straight-line reading of Hennig's (2010) ridgeline criterion for merging components."""
+    t = np.linspace(0.0, 1.0, RIDGE_POINTS)[:, None]
+    line = means[0] * (1 - t) + means[1] * t
+    parts = zip(weights, means, covariances, strict=True)
+    density = sum(w * scipy.stats.multivariate_normal.pdf(line, m, c) for w, m, c in parts)
+    # a dip: a point below the highest point on its left and the highest on its right
+    rim = np.minimum(np.maximum.accumulate(density), np.maximum.accumulate(density[::-1])[::-1])
+    return bool((density >= (1 - 1e-9) * rim).all())
+
+
+def modes(z: np.ndarray, k_max: int, seed: int, n_init: int = 2) -> np.ndarray:
+    """The clusters of ``z`` (events, dims) as the modes of a mixture: full-covariance Gaussian mixtures for K = 1 …
+    ``k_max``, the lowest BIC kept, then components joined wherever two of them make one mode (``one_mode``), and
+    joined groups taken whole (connected components). Labels (events,) 0 … k−1.
+
+    BIC finds how many Gaussians the density needs, not how many groups it has: a bent or skewed group takes
+    several. A group is a mode; two groups are told apart by a valley between them, which is a question about
+    the density the mixture already describes (Hennig 2010, Baudry et al. 2010), not a threshold on a score.
+    """
+    top = max(1, min(k_max, len(z) // (z.shape[1] + 2)))  # a full covariance needs more events than dimensions
+    fits = [
+        GaussianMixture(k, covariance_type="full", n_init=n_init, random_state=seed, reg_covar=1e-6).fit(z)
+        for k in range(1, top + 1)
+    ]
+    gm = min(fits, key=lambda f: float(f.bic(z)))
+    k = gm.n_components
+    joined = np.zeros((k, k), dtype=bool)
+    for i in range(k):
+        for j in range(i + 1, k):
+            pair = [i, j]
+            joined[i, j] = one_mode(gm.weights_[pair], gm.means_[pair], gm.covariances_[pair])
+    _, group = scipy.sparse.csgraph.connected_components(scipy.sparse.csr_matrix(joined), directed=False)
+    return np.unique(group[gm.predict(z)], return_inverse=True)[1].astype(np.int64)
 
 
 def most_agreeing(partitions: list[np.ndarray]) -> tuple[int, np.ndarray]:

@@ -361,3 +361,42 @@ def test_groups_of_a_cut_are_split_again_when_they_hold_structure():
     # a single blob holds no structure worth a split
     blob = fit_clusterer(rng.normal(0, 1, (600, 2)), np.ones(600), ClusterConfig(k_max=10, split_silhouette=0.5))
     assert blob.k <= 3
+
+
+def test_one_mode_parts_two_gaussians_exactly_where_theory_does():
+    # two equal, equally weighted Gaussians of variance σ² make one mode up to a distance of 2σ between the means
+    from model.kchoice import one_mode
+
+    w, cov = np.array([0.5, 0.5]), np.ones((2, 1, 1))
+    assert one_mode(w, np.array([[0.0], [1.9]]), cov)
+    assert not one_mode(w, np.array([[0.0], [2.2]]), cov)
+    # in several dimensions only the distance along the line counts, in units of the spread along it
+    cov3 = np.stack([np.diag([4.0, 1.0, 1.0])] * 2)
+    assert one_mode(w, np.array([[0.0, 0, 0], [3.8, 0, 0]]), cov3)  # σ = 2 along x: 3.8 < 2σ
+    assert not one_mode(w, np.array([[0.0, 0, 0], [0, 2.4, 0]]), cov3)  # σ = 1 along y: 2.4 > 2σ
+    # a small component on the shoulder of a large one adds no mode of its own
+    assert one_mode(np.array([0.95, 0.05]), np.array([[0.0], [1.5]]), cov)
+
+
+def test_modes_count_groups_not_the_gaussians_that_tile_them():
+    from sklearn.metrics import adjusted_rand_score
+    from sklearn.mixture import GaussianMixture
+
+    from model.kchoice import modes
+
+    rng = np.random.default_rng(3)
+    # one skewed group: BIC needs several Gaussians for it, and they make one mode
+    skewed = np.c_[rng.lognormal(0, 0.6, 800), rng.normal(0, 0.3, 800)]
+    bic_k = min(range(1, 7), key=lambda k: GaussianMixture(k, random_state=0).fit(skewed).bic(skewed))
+    assert bic_k >= 2
+    assert len(np.unique(modes(skewed, 10, seed=0))) == 1
+    # three groups with valleys between them, one of them skewed
+    y = np.repeat([0, 1, 2], 400)
+    x = np.r_[skewed[:400] + np.array([0, 8]), rng.normal([0, 0], 0.5, (400, 2)), rng.normal([6, 0], 0.5, (400, 2))]
+    lab = modes(x, 10, seed=0)
+    assert len(np.unique(lab)) == 3 and adjusted_rand_score(y, lab) > 0.97
+    # as a clusterer: the same groups, assigned from the stored mixture alone
+    cl = fit_clusterer(x, np.ones(len(x)), ClusterConfig(method="modes", k_max=10))
+    assert cl.k == 3 and adjusted_rand_score(y, cl.assign(x).cluster) > 0.97
+    # one round blob stays one cluster
+    assert len(np.unique(modes(rng.normal(0, 1, (600, 4)), 10, seed=0))) == 1
