@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from daemon.data.simulate import COMMUNITIES, SimConfig, hill, simulate_deployment
 from daemon.ops.config import Training
+from daemon.train.trainer import FIRST_SPLIT_SILHOUETTE
 from model.beta import BetaConfig
 from model.cluster import ClusterConfig, cluster_quality, fit_clusterer, most_agreeing
 from model.diversity import present, summarise
@@ -63,7 +64,7 @@ DAY_NS = 86_400 * 10**9
 INSTRUMENTS = ((20_800.0, 2, 30.0), (16_000.0, 1, 60.0), (9_600.0, 2, 120.0))  # (fs Hz, channels, noise), by seed
 METHODS = {
     "ward": ClusterConfig(),
-    "ward+split": ClusterConfig(split_silhouette=0.7),
+    "ward+split": ClusterConfig(split_silhouette=FIRST_SPLIT_SILHOUETTE),  # the daemon's first model
     "dp": ClusterConfig(method="dp"),
     "bic": ClusterConfig(method="bic"),
     "modes": ClusterConfig(method="modes"),
@@ -337,7 +338,7 @@ def main() -> None:
         default=["ward", "ward+split"],
         choices=sorted(METHODS),
         help="clusterers to score: model.cluster's methods (ward, dp, bic, modes), and ward+split (groups split "
-        "again, split_silhouette 0.7: the daemon's first model)",
+        f"again, split_silhouette {FIRST_SPLIT_SILHOUETTE}: the daemon's first model)",
     )
     p.add_argument(
         "--select",
