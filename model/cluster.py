@@ -83,7 +83,7 @@ class ClusterConfig:
     # ward: each group of the cut is split again while its own best cut scores at least this mean silhouette
     # (0 = one cut only; ``_split_further``)
     split_silhouette: float = 0.0
-    ward_events: int = 4000  # ward, modes: the subsample clustered (Ward's memory, the silhouette: its square)
+    ward_events: int = 4000  # ward, modes: the subsample clustered (Ward's memory grows with its square)
     consensus_events: int = 2000  # dp consensus: subsample on which the fits' agreement is measured
     consensus_cut: float = 0.5  # dp consensus: events together when at least this fraction of fits agree
     group_components: int = 3  # ward, dp consensus: most Gaussian components modelling one cluster
@@ -229,7 +229,7 @@ def _ward_silhouette(
         lab = modes(z, k_max, cfg.seed, cfg.n_init)
     else:
         lab, _ = ward_cut(z, k_max, cfg.silhouette_tolerance)
-    if cfg.split_silhouette > 0 and cfg.method == "ward":
+    if cfg.split_silhouette > 0:
         min_size = max(z.shape[1] + 2, math.ceil(cfg.min_cluster_fraction * len(z)))  # _model_groups' floor
         lab = split_further(z, lab, k_max, cfg.split_silhouette, min_size)
     weights, means, covariances, groups = _model_groups(z, lab, cfg)

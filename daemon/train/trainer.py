@@ -153,10 +153,9 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any] | None:
         batch = batch_size_for(len(ids))
         # The first model of an instrument trains on a few hundred events: the epoch whose latent clusters best
         # (label-free silhouette, not the held-out likelihood) is kept, and a cluster that is itself two clear
-        # groups is split (FIRST_SPLIT_SILHOUETTE). Later trainings keep
-        # the held-out ELBO and Ward's cut, which the paper data's report table measured. It is trained
-        # ``first_restarts`` times from other seeds, and the training whose clusters agree best with the others'
-        # is kept (``model.build``).
+        # groups is split (FIRST_SPLIT_SILHOUETTE). Later trainings keep the held-out ELBO and Ward's cut, which
+        # the paper data's report table measured. It is trained ``first_restarts`` times from other seeds, and the
+        # training whose clusters agree best with the others' is kept (``model.build``).
         first = args.kind == "first"
         train_cfg = TrainConfig(
             epochs=epochs,
