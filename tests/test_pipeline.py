@@ -5,6 +5,7 @@ one (acks, the publisher's cluster labels)."""
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -75,19 +76,49 @@ def test_featurise_threads_give_the_same_features_as_the_serving_thread():
     d = decode_batch([received(event(i)) for i in range(40)], Limits())
     one = Featuriser(0).start(d, FeatureConfig(), busy=False).featurised()
     pool = Featuriser(2)
-    two = pool.start(d, FeatureConfig(), busy=False)
-    assert len(two.parts) == 2  # 40 events ≥ SPLIT_FROM: one part per thread
-    got = two.featurised()
-    # while the serving thread commits another batch (busy), one thread fewer: it holds a core itself
-    assert len(pool.start(d, FeatureConfig(), busy=True).parts) == 1
-    three = Featuriser(3)
-    assert len(three.start(d, FeatureConfig(), busy=True).parts) == 2
-    three.close()
+    job = pool.start(d, FeatureConfig(), busy=True)
+    assert len(job.parts) == 3  # 40 events ≥ SPLIT_FROM: one part per thread, and one more for the serving thread
+    got = job.featurised()
+    small = decode_batch([received(event(i)) for i in range(5)], Limits())
+    assert len(pool.start(small, FeatureConfig(), busy=True).parts) == 1
+    idle = pool.start(small, FeatureConfig(), busy=False)  # nothing else in flight: made at once, no hand-off
+    assert idle.parts[0].done() and sorted(idle.featurised().features) == list(range(5))
     pool.close()
     assert sorted(got.features) == sorted(one.features) == list(range(40))
     for i in range(40):
         # float32 sums over batches of another size round differently in the last place
         np.testing.assert_allclose(got.features[i], one.features[i], rtol=1e-5, atol=1e-7)
+
+
+def test_the_serving_thread_makes_the_parts_no_thread_has_started():
+    # the one featurise thread is held by other work: the batch's parts stay queued, and the serving thread makes
+    # them all itself instead of waiting (it would wait for ever, here, without)
+    d = decode_batch([received(event(i)) for i in range(40)], Limits())
+    pool = Featuriser(1)
+    hold, held = threading.Event(), threading.Event()
+    assert pool.pool is not None
+    blocker = pool.pool.submit(lambda: (held.set(), hold.wait(30)))
+    assert held.wait(10)
+    job = pool.start(d, FeatureConfig(), busy=True)
+    result: list[object] = []
+    t = threading.Thread(target=lambda: result.append(job.featurised()), daemon=True)
+    t.start()
+    t.join(30)
+    try:
+        assert result, "the serving thread waited for a busy featurise thread"
+        assert not blocker.done() and all(f.cancelled() for f in job.parts)
+        assert sorted(result[0].features) == list(range(40))  # type: ignore[attr-defined]
+    finally:
+        hold.set()
+        pool.close()
+    # a part a thread has started is waited for, not made twice: with a free thread, nothing is cancelled
+    free = Featuriser(1)
+    job = free.start(d, FeatureConfig(), busy=True)
+    assert free.pool is not None
+    free.pool.submit(lambda: None).result(10)  # the thread has taken every part queued before this
+    assert sorted(job.featurised().features) == list(range(40))
+    assert not any(f.cancelled() for f in job.parts)
+    free.close()
 
 
 def test_outputs_are_predicted_with_the_batch_only_when_caught_up_and_settled_with_their_ids(version):

@@ -30,7 +30,8 @@ class Ingest:
     batch_max: int = 256  # micro-batch: up to this many events …
     batch_wait_ms: float = 5.0  # … or this long after the first, whichever first
     # featurise the next micro-batch in these threads while this one commits (0 = off); by default one core fewer
-    # than the daemon may use (at most 4): the serving thread holds one (on 2 cores one thread, docs/RESULTS.md)
+    # than the daemon may use (at most 4): the serving thread holds one, and featurises the parts of a batch still
+    # queued when it needs them (on 2 cores one thread, docs/RESULTS.md)
     featurise_threads: int = field(default_factory=lambda: max(1, min(4, usable_cores() - 1)))
     queue_per_sender: int = 1000  # messages queued per connection before ZeroMQ stops reading it (backpressure)
     quarantine_keep: int = 100_000  # rows of quarantine kept (oldest dropped first)

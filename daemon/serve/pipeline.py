@@ -3,7 +3,7 @@ out. Pure: no sockets, no clock, no SQLite. The serving loop (``daemon.serve.ser
 then gives the new event IDs to ``settle`` for the acks and the outputs to publish.
 
 Featurising (Welch) is the costly step; ``Featuriser`` runs it for batch N+1 in threads while batch N commits
-(numpy and scipy.fft release the GIL), one part per thread.
+(numpy and scipy.fft release the GIL), and the serving thread makes what is still queued when it needs the features.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from model.cluster import NOVEL
 from model.predict import predict
 from model.spectra import FeatureConfig, FeatureError, featurise_events
 
-SPLIT_FROM = 32  # events in a batch from which featurising is split over the featurise threads
+SPLIT_FROM = 32  # events in a batch from which featurising is split in parts (threads + 1)
 
 
 @dataclass
@@ -52,38 +52,50 @@ def featurise(events: list[tuple[Received, Event]], cfg: FeatureConfig, lo: int,
 
 @dataclass
 class Job:
-    """A decoded batch whose features are being made (in the featurise threads, or made already)."""
+    """A decoded batch whose features are being made, in parts: part k is events ``cuts[k]`` … ``cuts[k + 1]`` − 1,
+    queued for the featurise threads, being made, or made."""
 
     decoded: Decoded
+    cfg: FeatureConfig
+    cuts: list[int]
     parts: list[Future[Featurised]]
 
     def featurised(self) -> Featurised:
+        """The batch's features. The parts no thread has started yet are made here, last first (the threads take
+        them first first), so the serving thread works instead of waiting for a thread to get to them."""
+        made: dict[int, Featurised] = {}
+        for k in reversed(range(len(self.parts))):
+            if not self.parts[k].cancel():  # started or done, and so is every part before it
+                break
+            made[k] = featurise(self.decoded.events, self.cfg, self.cuts[k], self.cuts[k + 1])
         out = Featurised()
-        for f in self.parts:
-            out.update(f.result())
+        for k, f in enumerate(self.parts):
+            out.update(made[k] if k in made else f.result())
         return out
 
 
 class Featuriser:
-    """``threads`` featurise threads (0 = featurise on the caller's thread). A small batch while nothing else is in
-    flight is featurised at once on the caller's thread: a hand-off to a thread and back only adds latency. A large
-    batch is split over the threads, one part each, but over one thread fewer while the serving thread commits
-    another batch (``busy``): it holds a core itself, and a thread more than there are cores only makes them take
-    turns; after a stall, the first large batch has every thread."""
+    """``threads`` featurise threads (0 = featurise on the serving thread). A small batch while nothing else is in
+    flight is featurised at once on the serving thread: a hand-off to a thread and back only adds latency. Any other
+    batch is queued for the threads, a large one (``SPLIT_FROM`` events or more) in one part more than there are
+    threads; when the serving thread needs the batch, it makes the parts still queued itself (``Job.featurised``).
+    So the serving thread is a featurise worker whenever it would otherwise wait, and no more threads compute than
+    the daemon has cores."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="featurise") if threads > 0 else None
 
     def start(self, decoded: Decoded, cfg: FeatureConfig, busy: bool) -> Job:
-        events, n = decoded.events, len(decoded.events)
-        if self.pool is not None and (n >= SPLIT_FROM or busy):
-            parts = max(1, self.threads - (1 if busy else 0)) if n >= SPLIT_FROM else 1
-            cut = [n * k // parts for k in range(parts + 1)]
-            return Job(decoded, [self.pool.submit(featurise, events, cfg, cut[k], cut[k + 1]) for k in range(parts)])
-        done: Future[Featurised] = Future()
-        done.set_result(featurise(events, cfg, 0, n))
-        return Job(decoded, [done])
+        n = len(decoded.events)
+        parts = self.threads + 1 if n >= SPLIT_FROM else 1
+        if self.pool is None or (parts == 1 and not busy):
+            done: Future[Featurised] = Future()
+            done.set_result(featurise(decoded.events, cfg, 0, n))
+            return Job(decoded, cfg, [0, n], [done])
+        cuts = [n * k // parts for k in range(parts + 1)]
+        queued = [self.pool.submit(featurise, decoded.events, cfg, cuts[k], cuts[k + 1]) for k in range(parts)]
+        return Job(decoded, cfg, cuts, queued)
 
     def close(self) -> None:
         if self.pool is not None:
