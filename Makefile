@@ -56,7 +56,7 @@ bench: $(STAMP)
 # (BASELINE, a git revision, extracted with git archive) in the same run, rounds interleaved: docs/RESULTS.md
 BASELINE ?= 8868303
 throughput: $(STAMP)
-	$(BIN)/python bench/throughput.py --baseline $(BASELINE) --rounds 2
+	$(BIN)/python bench/throughput.py --baseline $(BASELINE) --rounds 3 --repeat 3
 
 # Latency and events/s with the store at its raw-sample limit (retention running throughout), beside an earlier build
 retention: $(STAMP)

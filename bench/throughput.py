@@ -1,6 +1,6 @@
 """Daemon throughput and latency against an earlier build, both measured in this run, rounds interleaved.
 
-    python bench/throughput.py [--events 4000] [--rate 500] [--rounds 2] [--baseline REV | --baseline none]
+    python bench/throughput.py [--events 4000] [--repeat 1] [--rate 500] [--rounds 2] [--baseline REV | --baseline none]
 
 The machine's load moves between minutes (a shared VM can swing ±20 % or more), so a figure alone says little;
 the ratio to the earlier build, measured in the same minutes, says what a change did. ``--baseline REV`` (default
@@ -11,7 +11,8 @@ that tree first on ``sys.path``) with this interpreter, the same model, configur
 Each round starts a fresh daemon of each build (the order alternates from round to round) and measures:
 
 1. sustained: a sender process pushes every event as fast as acks allow (``--window`` unacked events in flight,
-   2048 by default); acked durable events/s (acked only after the commit, ``synchronous=FULL``);
+   2048 by default; ``--repeat N`` sends them N times, so that the first batches weigh less); acked durable
+   events/s (acked only after the commit, ``synchronous=FULL``);
 2. latency at a fixed rate (``--rate``): send → publish, measured by a subscriber here against the send time the
    sender stamps in ``t0_ns`` (same clock); p50 / p99;
 3. the same latency while a full retrain runs on the CPU in the background (the trainer resting to
@@ -85,9 +86,9 @@ class Bench:
         return subprocess.Popen([*args, str(self.args.window)], stdout=subprocess.PIPE, text=True)
 
     def sustained(self, eps: dict, sensor: str) -> float:
-        res = finish(self.send(eps["ingest"], 0, sensor))
-        if res["acked"] < self.args.events:
-            print(f"  ({res['acked']} of {self.args.events} acked)")
+        res = finish(self.send(eps["ingest"], 0, sensor, repeat=self.args.repeat))
+        if res["acked"] < self.args.events * self.args.repeat:
+            print(f"  ({res['acked']} of {self.args.events * self.args.repeat} acked)")
         return float(res["events_per_s"])
 
     def latency(self, eps: dict, sensor: str) -> np.ndarray:
@@ -287,6 +288,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds of each build, interleaved")
     ap.add_argument("--baseline", default=BASELINE, help="git revision to compare with ('none': this build only)")
     ap.add_argument("--window", type=int, default=2048, help="unacked events in flight per sender")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="send the events this many times for each sustained figure (new seqs)"
+    )
     ap.add_argument("--long", type=int, default=0, help="events of the memory run (0 = skip)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (stores, logs: about 1 GB)")
     ap.add_argument("--trainer-share", type=float, default=0.0, help="training.cpu_share (0 = each build's default)")
