@@ -640,13 +640,16 @@ def test_a_slow_subscriber_never_blocks_ingest_and_what_it_costs_is_counted(tmp_
         res = sender_p.replay(events_of(rec, "p", 0, False), d.ingest, window=64, give_up_s=60)
         ingest_s = time.monotonic() - t
         assert (res.acked, res.unacked) == (n, 0)  # ingest went on while the subscriber read nothing
-        dropped = metric(d.metrics, "wingbeat_publish_dropped_total")
-        assert dropped > 0 and metric(d.metrics, "wingbeat_publish_queue_outputs") > 0
+        assert metric(d.metrics, "wingbeat_publish_dropped_total") > 0
+        assert metric(d.metrics, "wingbeat_publish_queue_outputs") > 0
         # the slow subscriber goes: what was queued for it reaches the others; exactly the dropped ones never do
         slow.kill()
         slow.wait(10)
         wait_for(lambda: metric(d.metrics, "wingbeat_publish_queue_outputs") == 0, timeout=30)
         got = fast.seen("p", n, timeout=5)
+        # read once nothing more can be dropped: a batch's outputs are published (and some dropped) just after its
+        # acks, so a count read when the last ack arrives can miss the last batch's drops
+        dropped = metric(d.metrics, "wingbeat_publish_dropped_total")
         assert len(got) == n - dropped, (len(got), dropped)
         assert d.status()["outputs"] == n  # every output stays in the store (wingbeat export)
 
