@@ -3,7 +3,10 @@
 With the usual plan (a Hann segment of ``seg`` samples, zero-padded to ``nfft = 2·seg``, hop ``hop``), segments
 overlap by 80 %: an FFT per segment transforms every sample five times and computes ~1,000 bins of which the grid
 keeps ~200. Here every channel is cut once into blocks of ``g = gcd(seg, hop)`` samples, and the kept bins of
-each block's DFT come from one float32 matrix product (bins only up to ``f_max``). A segment's DFT is then the sum
+each block's DFT come from float32 matrix products (bins only up to ``f_max``). The products are halved by the
+block's symmetry: about its centre ``c``, a real block's DFT is ``e^{-iθc}·(Σ s_m·cos θm − i·Σ d_m·sin θm)``
+with ``s_m = x[c+m] + x[c−m]`` and ``d_m = x[c+m] − x[c−m]``, so two products of ``g/2`` rows (cos by the sums,
+sin by the differences) replace one of ``g`` rows by cos and sin both. A segment's DFT is then the sum
 of its ``seg / g`` blocks' DFTs, each turned by the phase of its offset; the Hann window is applied in the
 frequency domain (``0.5·X[k] − 0.25·X[k−2] − 0.25·X[k+2]`` on the 2·seg grid), and the segment mean is removed as
 ``mean · W[k]``, ``W`` the window's DFT. Same result as ``scipy.signal.welch`` (float32 rounding); on one core
@@ -29,21 +32,30 @@ def applies(seg: int, hop: int, nfft: int) -> bool:
 
 
 @lru_cache(maxsize=16)
-def _tables(seg: int, hop: int, nfft: int, kept: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """The block DFT matrix (g, 2K) float32, cos and −sin interleaved, for bins −2 … kept+1; the blocks' phases
-    (L, K) complex64; twice the window's DFT at bins 0 … kept−1 (complex64); Σ w²."""
+def _tables(
+    seg: int, hop: int, nfft: int, kept: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """For bins −2 … kept+1 of the 2·seg grid: the block's cosines (g − g//2, K) and sines (g//2, K) float32 at the
+    offsets from its centre (the centre sample itself first among the cosines when g is odd); the blocks' phases
+    (L, K) complex64, each with the centre's phase; twice the window's DFT at bins 0 … kept−1 (complex64); Σ w²."""
     g = math.gcd(seg, hop)
     k = np.arange(-SHIFT, kept + SHIFT)
-    angle = 2 * np.pi * np.outer(np.arange(g), k) / nfft
-    dft = np.exp(-1j * angle).astype(np.complex64).view(np.float32)  # columns re, im, re, im, …: a product is complex
-    phase = np.exp(-2j * np.pi * np.outer(np.arange(seg // g) * g, k) / nfft).astype(np.complex64)
+    centre = (g - 1) / 2
+    offsets = np.arange(g // 2) + (0.5 if g % 2 == 0 else 1.0)  # m > 0; an odd block's centre (m = 0) apart
+    cos = np.cos(2 * np.pi * np.outer(offsets, k) / nfft)
+    if g % 2:
+        cos = np.vstack([np.ones((1, len(k))), cos])
+    sin = np.sin(2 * np.pi * np.outer(offsets, k) / nfft)
+    starts = np.arange(seg // g) * g + centre
+    phase = np.exp(-2j * np.pi * np.outer(starts, k) / nfft).astype(np.complex64)
     n = np.arange(seg)
     w = 0.5 - 0.5 * np.cos(2 * np.pi * n / seg)  # scipy's periodic "hann"
     w_dft = (w[:, None] * np.exp(-2j * np.pi * np.outer(n, np.arange(kept)) / nfft)).sum(axis=0)
     w_dft = (2 * w_dft).astype(np.complex64)  # doubled, as the segments' windowed DFTs are in _chunk
-    for a in (dft, phase, w_dft):
+    tables = (cos.astype(np.float32), sin.astype(np.float32), phase, w_dft)
+    for a in tables:
         a.setflags(write=False)
-    return dft, phase, w_dft, float(np.sum(w**2))
+    return (*tables, float(np.sum(w**2)))
 
 
 def welch_blocks(events: Sequence[np.ndarray], fs: float, seg: int, hop: int, nfft: int, kept: int) -> np.ndarray:
@@ -68,21 +80,21 @@ def welch_blocks(events: Sequence[np.ndarray], fs: float, seg: int, hop: int, nf
         out[i:j] = _chunk(channels[i:j], tables, per_seg, step, kept)
         i = j
     out[:, 1 : min(nfft // 2, kept)] *= 2  # one-sided; the Nyquist bin of the even nfft has no mirror
-    out /= np.float32(fs * tables[3])
+    out /= np.float32(fs * tables[4])
     return out
 
 
 def _chunk(
     channels: list[np.ndarray],
-    tables: tuple[np.ndarray, np.ndarray, np.ndarray, float],
+    tables: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float],
     per_seg: int,
     step: int,
     kept: int,
 ) -> np.ndarray:
     """Mean power over each channel's segments: (channels, kept)."""
-    dft, phase, window_dft, _ = tables
+    cos, sin, phase, window_dft, _ = tables
     blocks = np.concatenate(channels) if len(channels) > 1 else channels[0]
-    spec = (blocks @ dft).view(np.complex64)  # (blocks, K): each block's DFT at bins −2 … kept+1
+    spec = _block_dft(blocks, cos, sin)  # (blocks, K): each block's DFT at bins −2 … kept+1, less the centre's phase
     rows = blocks.shape[0] - per_seg + 1  # every block that can start a segment, across channels too
     x = spec[:rows] * phase[0]
     tmp = np.empty_like(x)
@@ -99,8 +111,24 @@ def _chunk(
     xw = np.add(x[:, :kept], x[:, 2 * SHIFT : 2 * SHIFT + kept])
     xw *= np.float32(-0.5)
     xw += x[:, SHIFT : SHIFT + kept]
-    xw -= mean[:, None] * window_dft
+    xw -= np.multiply(mean[:, None], window_dft, out=x[:, : kept])  # x is spent: its first columns hold the term
     power = np.square(xw.real)
     power += np.square(xw.imag)
     starts = np.cumsum(nseg) - nseg
     return np.add.reduceat(power, starts, axis=0) / (4 * nseg[:, None].astype(np.float32))
+
+
+def _block_dft(blocks: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """``Σ s_m·cos θm − i·Σ d_m·sin θm`` of every block (rows of ``blocks``): (blocks, K) complex64."""
+    g, h = blocks.shape[1], sin.shape[0]
+    right, left = blocks[:, g - h :], blocks[:, h - 1 :: -1] if h else blocks[:, :0]  # x[c+m] and x[c−m], m > 0
+    if g % 2:
+        sums = np.empty((blocks.shape[0], h + 1), dtype=np.float32)
+        sums[:, 0] = blocks[:, h]
+        np.add(right, left, out=sums[:, 1:])
+    else:
+        sums = np.add(right, left)
+    spec = np.empty((blocks.shape[0], cos.shape[1]), dtype=np.complex64)
+    spec.real = sums @ cos
+    spec.imag = np.negative(np.subtract(right, left) @ sin)
+    return spec
