@@ -32,9 +32,7 @@ def applies(seg: int, hop: int, nfft: int) -> bool:
 
 
 @lru_cache(maxsize=16)
-def _tables(
-    seg: int, hop: int, nfft: int, kept: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+def _tables(seg: int, hop: int, nfft: int, kept: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """For bins −2 … kept+1 of the 2·seg grid: the block's cosines (g − g//2, K) and sines (g//2, K) float32 at the
     offsets from its centre (the centre sample itself first among the cosines when g is odd); the blocks' phases
     (L, K) complex64, each with the centre's phase; twice the window's DFT at bins 0 … kept−1 (complex64); Σ w²."""
