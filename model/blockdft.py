@@ -1,4 +1,4 @@
-"""Welch by shared blocks: the common plan's PSD as one matrix product instead of one FFT per segment. Pure.
+"""Welch by shared blocks: the common plan's PSD from matrix products instead of one FFT per segment. Pure.
 
 With the usual plan (a Hann segment of ``seg`` samples, zero-padded to ``nfft = 2·seg``, hop ``hop``), segments
 overlap by 80 %: an FFT per segment transforms every sample five times and computes ~1,000 bins of which the grid
