@@ -76,9 +76,9 @@ def welch_blocks(events: Sequence[np.ndarray], fs: float, seg: int, hop: int, nf
     sizes = np.array(counts)
     starts = np.cumsum(sizes) - sizes
     block_sums = blocks.sum(axis=1, dtype=np.float64)
-    mean = np.add.reduceat(block_sums, starts) / (sizes * g)  # each channel's mean, removed (float32 keeps digits)
-    blocks -= np.repeat(mean.astype(np.float32), sizes)[:, None]
-    block_sums -= np.repeat(mean * g, sizes)
+    mean = (np.add.reduceat(block_sums, starts) / (sizes * g)).astype(np.float32)  # removed: float32 keeps digits
+    blocks -= np.repeat(mean, sizes)[:, None]
+    block_sums -= np.repeat(mean.astype(np.float64) * g, sizes)  # the sums of what the blocks now hold
     out = np.empty((len(sizes), kept), dtype=np.float32)
     i = 0
     while i < len(sizes):  # a chunk of whole channels per matrix product
