@@ -139,7 +139,7 @@ def test_negative_power_and_off_grid_are_refused():
     "fs, n", [(20_800.0, 1000), (20_800.0, 1001), (20_800.0, 6241), (44_100.0, 9000), (20_904.0, 5000), (104.0, 300)]
 )
 def test_block_welch_equals_scipy_and_the_fft_per_segment(fs, n, monkeypatch):
-    # the usual plan goes through shared blocks (one matrix product); scipy and the FFT per segment agree with it
+    # the usual plan goes through shared blocks (matrix products); scipy and the FFT per segment agree with it
     seg, hop, nfft = CFG.plan(fs, n)
     assert blockdft.applies(seg, hop, nfft)  # blocks of 200, 200, 200, 424, 201 (odd: a centre sample) and 1 sample
     rng = np.random.default_rng(n)
