@@ -2,12 +2,15 @@
 
 Each seed simulates a deployment (``daemon.data.simulate.simulate_deployment``: a species table drawn by the
 seed, communities that change by day, species that appear and vanish, diel activity) on an instrument whose
-sample rate, wavelengths and noise vary with the seed. Two scenarios train on it without labels:
+sample rate, wavelengths and noise vary with the seed. Three scenarios train on it without labels:
 
 - ``daemon``: the daemon's first model, exactly as its trainer builds it with the default ``[training]``
   (``epochs_first`` epochs, its batch and warm-up rule, seed 0 + version 1, ``first_restarts`` trainings of
   which the one whose clusters agree best with the others' is kept), on the first 600 events by time; it then
   labels the whole deployment.
+- ``retrain``: the daemon's full retrain (version 2), as its trainer builds it (``epochs_full`` epochs, once), on
+  every event of the deployment: what serves, and re-labels the history, once novel species have made the daemon
+  retrain. Its seed is the version's, so ``--retrain-seeds`` seeds are scored, each as a training of its own.
 - ``user``: ``wingbeat train`` on every event of the deployment, given ``--user-epochs`` epochs.
 
 The latent of each training is kept every ``SNAPSHOT`` epochs, so that the kept epoch can be chosen by either
@@ -21,7 +24,7 @@ whose 95 % interval of estimated q0 (``model.diversity``) covers the true richne
 numbers are those of its clusters present (``model.diversity.present``: at least ``present_min(n)`` of its n
 events), as ``wingbeat diversity`` reports them.
 
-Usage: python bench/diversity.py [--seeds 10 11 12 13 14 15] [--scenarios daemon user] [--json FILE]
+Usage: python bench/diversity.py [--seeds 10 11 12 13 14 15] [--scenarios daemon retrain user] [--json FILE]
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from daemon.data.simulate import COMMUNITIES, SimConfig, hill, simulate_deployment
 from daemon.ops.config import Training
-from daemon.train.trainer import FIRST_SPLIT_SILHOUETTE
+from daemon.train.trainer import SPLIT_SILHOUETTE
 from model.beta import BetaConfig
 from model.cluster import ClusterConfig, cluster_quality, fit_clusterer, most_agreeing
 from model.diversity import present, summarise
@@ -64,7 +67,7 @@ DAY_NS = 86_400 * 10**9
 INSTRUMENTS = ((20_800.0, 2, 30.0), (16_000.0, 1, 60.0), (9_600.0, 2, 120.0))  # (fs Hz, channels, noise), by seed
 METHODS = {
     "ward": ClusterConfig(),
-    "ward+split": ClusterConfig(split_silhouette=FIRST_SPLIT_SILHOUETTE),  # the daemon's first model
+    "ward+split": ClusterConfig(split_silhouette=SPLIT_SILHOUETTE),  # the daemon's new models
     "dp": ClusterConfig(method="dp"),
     "bic": ClusterConfig(method="bic"),
     "modes": ClusterConfig(method="modes"),
@@ -101,9 +104,11 @@ def train_scenario(x: np.ndarray, scenario: str, s: Setting, restart: int = 0) -
     epochs and at the end, the ELBO-kept epoch's latent, and the epochs of each."""
     torch.set_num_threads(1)
     t = Training()
-    if scenario == "daemon":
-        n = min(len(x), s.first_after)
-        epochs, seed = t.epochs_first, t.seed + 1 + 100_003 * restart  # the first version is version 1
+    if scenario in ("daemon", "retrain"):
+        # the first model is version 1, on the first events; a full retrain (version 2) on every event
+        n = min(len(x), s.first_after) if scenario == "daemon" else len(x)
+        epochs = t.epochs_first if scenario == "daemon" else t.epochs_full
+        seed = t.seed + (1 if scenario == "daemon" else 2) + 100_003 * restart
         cfg = TrainConfig(
             epochs=epochs, batch_size=batch_size_for(n), seed=seed, beta=BetaConfig(warmup=min(25, max(0, epochs // 4)))
         )
@@ -144,6 +149,7 @@ def train_scenario(x: np.ndarray, scenario: str, s: Setting, restart: int = 0) -
 
 def cached_training(x: np.ndarray, scenario: str, s: Setting, cache: Path, restart: int = 0) -> dict[str, np.ndarray]:
     keyed: list[Any] = [asdict(s), scenario, SNAPSHOT, Training().epochs_first] + ([restart] if restart else [])
+    keyed += [Training().epochs_full] if scenario == "retrain" else []
     key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()
     path = cache / f"{scenario}-{s.seed}-{key[:12]}.npz"
     if path.is_file():
@@ -251,38 +257,69 @@ def run_seed(
     selects: tuple[str, ...] = ("elbo", "cluster"),
     baselines: bool = True,
     restarts: int = Training().first_restarts,
+    retrain_seeds: int = 3,
 ) -> list[dict]:
     x, species, day, truth = deployment(s)
     rows = []
     for scenario in scenarios:
         # the daemon's first model: ``training.first_restarts`` trainings, the one whose clusters of the training
-        # events agree best with the others' kept (``model.build``); the user's training: one
-        runs = [cached_training(x, scenario, s, cache, r) for r in range(restarts if scenario == "daemon" else 1)]
-        n = int(runs[0]["n_train"])
-        k_train = len(np.unique(species[:n]))
-        base = {"seed": s.seed, "scenario": scenario, "species": len(truth["species"]), "species_train": k_train}
-        # the clusterer's seed: the daemon's trainer gives it the first version's training seed (model.build keeps
-        # it for every restart)
-        cseed = Training().seed + 1 if scenario == "daemon" else s.seed
-        for name, cfg in methods.items():
-            for select in selects:
-                fits = []
-                for tr in runs:
-                    if select == "elbo":
-                        mu, err, epoch = tr["mu"], tr["err"], int(tr["selected"])
-                    else:
-                        mu, err, epoch = pick_snapshot(tr, replace(cfg, seed=s.seed))
-                    cl = fit_clusterer(mu[:n], err[:n], replace(cfg, seed=cseed))
-                    fits.append((cl, cl.assign(mu, err).cluster, epoch))
-                kept = most_agreeing([pred[:n] for _, pred, _ in fits])[0]
-                cl, pred, epoch = fits[kept]
-                row = {**base, "method": f"{name}/{select}", "epoch": epoch, "k_model": cl.k, "restart": kept}
-                row.update(score(pred, species, day, truth, rule))
-                row["ari_train"] = float(sklearn.metrics.adjusted_rand_score(species[:n], pred[:n]))
-                rows.append(row)
+        # events agree best with the others' kept (``model.build``); the user's training: one; the daemon's full
+        # retrain: one, whose seed (the version's) is arbitrary, so each of ``retrain_seeds`` seeds scores alone
+        if scenario == "daemon":
+            sets = [[cached_training(x, scenario, s, cache, r) for r in range(restarts)]]
+        else:
+            sets = [
+                [cached_training(x, scenario, s, cache, r)]
+                for r in range(retrain_seeds if scenario == "retrain" else 1)
+            ]
+        for i, runs in enumerate(sets):
+            rows += [
+                {**r, "training": i} for r in score_runs(runs, s, scenario, methods, selects, species, day, truth, rule)
+            ]
         for dims in (2, 10) if baselines else ():
+            n = int(sets[0][0]["n_train"])
+            base = {"seed": s.seed, "scenario": scenario, "species": len(truth["species"])}
             pred = baseline(x, n, dims, s.seed)
-            row = {**base, "method": f"PCA({dims})+GMM", "epoch": -1, "k_model": len(np.unique(pred[:n]))}
+            row = {**base, "species_train": len(np.unique(species[:n])), "method": f"PCA({dims})+GMM", "epoch": -1}
+            row["k_model"] = len(np.unique(pred[:n]))
+            row.update(score(pred, species, day, truth, rule))
+            row["ari_train"] = float(sklearn.metrics.adjusted_rand_score(species[:n], pred[:n]))
+            rows.append(row)
+    return rows
+
+
+def score_runs(
+    runs: list[dict[str, np.ndarray]],
+    s: Setting,
+    scenario: str,
+    methods: dict[str, ClusterConfig],
+    selects: tuple[str, ...],
+    species: np.ndarray,
+    day: np.ndarray,
+    truth: dict[str, Any],
+    rule: str,
+) -> list[dict]:
+    """One row per clusterer and kept-epoch rule of a model trained as ``runs`` (several: the most agreeing kept)."""
+    rows = []
+    n = int(runs[0]["n_train"])
+    k_train = len(np.unique(species[:n]))
+    base = {"seed": s.seed, "scenario": scenario, "species": len(truth["species"]), "species_train": k_train}
+    # the clusterer's seed: the daemon's trainer gives it the version's training seed (model.build keeps it for
+    # every restart): version 1 for the first model, 2 for the retrain
+    cseed = {"daemon": Training().seed + 1, "retrain": Training().seed + 2}.get(scenario, s.seed)
+    for name, cfg in methods.items():
+        for select in selects:
+            fits = []
+            for tr in runs:
+                if select == "elbo":
+                    mu, err, epoch = tr["mu"], tr["err"], int(tr["selected"])
+                else:
+                    mu, err, epoch = pick_snapshot(tr, replace(cfg, seed=s.seed))
+                cl = fit_clusterer(mu[:n], err[:n], replace(cfg, seed=cseed))
+                fits.append((cl, cl.assign(mu, err).cluster, epoch))
+            kept = most_agreeing([pred[:n] for _, pred, _ in fits])[0]
+            cl, pred, epoch = fits[kept]
+            row = {**base, "method": f"{name}/{select}", "epoch": epoch, "k_model": cl.k, "restart": kept}
             row.update(score(pred, species, day, truth, rule))
             row["ari_train"] = float(sklearn.metrics.adjusted_rand_score(species[:n], pred[:n]))
             rows.append(row)
@@ -331,14 +368,14 @@ def summary(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12, 13, 14, 15])
-    p.add_argument("--scenarios", nargs="+", default=["daemon", "user"], choices=["daemon", "user"])
+    p.add_argument("--scenarios", nargs="+", default=["daemon", "user"], choices=["daemon", "retrain", "user"])
     p.add_argument(
         "--methods",
         nargs="+",
         default=["ward", "ward+split"],
         choices=sorted(METHODS),
         help="clusterers to score: model.cluster's methods (ward, dp, bic, modes), and ward+split (groups split "
-        f"again, split_silhouette {FIRST_SPLIT_SILHOUETTE}: the daemon's first model)",
+        f"again, split_silhouette {SPLIT_SILHOUETTE}: the daemon's first model and full retrains)",
     )
     p.add_argument(
         "--select",
@@ -354,6 +391,12 @@ def main() -> None:
         default=Training().first_restarts,
         help="trainings of the daemon's first model, the most agreeing kept (the default: training.first_restarts)",
     )
+    p.add_argument(
+        "--retrain-seeds",
+        type=int,
+        default=3,
+        help="the daemon's full retrain is trained once from the version's seed; score this many seeds, each alone",
+    )
     p.add_argument("--days", type=int, default=6)
     p.add_argument("--events", type=int, default=1000)
     p.add_argument("--user-epochs", type=int, default=300)
@@ -367,7 +410,15 @@ def main() -> None:
     for seed in a.seeds:
         s = Setting(seed=seed, days=a.days, events=a.events, user_epochs=a.user_epochs)
         rows += run_seed(
-            s, a.scenarios, methods, a.cache, a.richness, tuple(a.select), not a.no_baselines, a.first_restarts
+            s,
+            a.scenarios,
+            methods,
+            a.cache,
+            a.richness,
+            tuple(a.select),
+            not a.no_baselines,
+            a.first_restarts,
+            a.retrain_seeds,
         )
         print(f"seed {seed} done at {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     print(table(rows))

@@ -265,3 +265,26 @@ def test_a_cpu_training_rests_to_its_share(busy, share, rest):
     from daemon.train.trainer import rest_after
 
     assert rest_after(busy, share) == pytest.approx(rest)
+
+
+@pytest.mark.parametrize(
+    ("kind", "parent_cluster", "expected"),
+    [
+        ("first", None, ("cluster", 3, 0.65)),  # a new model: clustering criterion, the split, three trainings
+        ("full", {"split_silhouette": 0.0}, ("cluster", 1, 0.65)),  # a full retrain: the same rule, one training
+        ("finetune", {"split_silhouette": 0.65}, ("best", 1, 0.65)),  # a fine-tune cuts as its parent did …
+        ("finetune", {"split_silhouette": 0.0}, ("best", 1, 0.0)),  # … a model from `wingbeat train` too
+        ("finetune", {}, ("best", 1, 0.0)),  # a manifest from before the split
+    ],
+)
+def test_each_kind_of_training_keeps_its_epoch_and_cuts_by_its_rule(kind, parent_cluster, expected):
+    from daemon.train.trainer import recipe
+
+    assert recipe(kind, 3, parent_cluster) == expected
+
+
+def test_an_unknown_kind_of_training_is_refused():
+    from daemon.train.trainer import recipe
+
+    with pytest.raises(ValueError, match="kind must be one of"):
+        recipe("partial", 3)

@@ -36,9 +36,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 KINDS = ("first", "finetune", "full")
-# a first model's cluster is split when its own best Ward cut scores this silhouette (chosen on 18 simulated
+# a new model's cluster is split when its own best Ward cut scores this silhouette (chosen on 18 simulated
 # deployments, checked on 12 others: docs/RESULTS.md "Counting species")
-FIRST_SPLIT_SILHOUETTE = 0.65
+SPLIT_SILHOUETTE = 0.65
 PR_SET_PDEATHSIG = 1
 
 
@@ -99,6 +99,26 @@ def lower_priority(idle: bool, nice: int) -> str:
     return f"nice {nice}"
 
 
+def recipe(kind: str, restarts: int, parent_cluster: dict[str, Any] | None = None) -> tuple[str, int, float]:
+    """How a training of ``kind`` keeps its epoch and cuts its clusters: (``TrainConfig.select``, trainings,
+    ``ClusterConfig.split_silhouette``).
+
+    A new model (the first, or a full retrain) keeps the epoch whose latent clusters best (label-free silhouette,
+    not the held-out likelihood) and splits a cluster that is itself two clear groups (``SPLIT_SILHOUETTE``): on
+    simulated deployments that counts species better than the held-out ELBO and Ward's one cut, for the first
+    model's few hundred events and for a full retrain alike (docs/RESULTS.md "Counting species"). The first model
+    is trained ``restarts`` times (``training.first_restarts``), the most agreeing kept; a full retrain once (three
+    did not count better). A fine-tune continues its parent and cuts its clusters by the parent's rule
+    (``parent_cluster``: the parent manifest's ``cluster``), so a model given by ``wingbeat train`` stays cut as
+    it was.
+    """
+    if kind == "finetune":
+        return "best", 1, float((parent_cluster or {}).get("split_silhouette", 0.0))
+    if kind not in ("first", "full"):
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return "cluster", restarts if kind == "first" else 1, SPLIT_SILHOUETTE
+
+
 def rest_after(busy_s: float, share: float) -> float:
     """Seconds to rest after ``busy_s`` seconds of work so that the work takes ``share`` of the time."""
     return max(0.0, busy_s) * (1 / share - 1)
@@ -151,22 +171,20 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any] | None:
         features = FeatureConfig(**(store.feature_config() or {}))
         labelled = labels != ""
         batch = batch_size_for(len(ids))
-        # The first model of an instrument trains on a few hundred events: the epoch whose latent clusters best
-        # (label-free silhouette, not the held-out likelihood) is kept, and a cluster that is itself two clear
-        # groups is split (FIRST_SPLIT_SILHOUETTE). Later trainings keep the held-out ELBO and Ward's cut, which
-        # the paper data's report table measured. It is trained ``first_restarts`` times from other seeds, and the
-        # training whose clusters agree best with the others' is kept (``model.build``).
-        first = args.kind == "first"
+        # the kept epoch, the trainings and the cut: ``recipe``
+        select, restarts, split = recipe(
+            args.kind, t.first_restarts, parent.manifest.get("cluster") if parent else None
+        )
         train_cfg = TrainConfig(
             epochs=epochs,
             batch_size=batch,
             seed=t.seed + args.version,
             beta=BetaConfig(warmup=min(25, max(0, epochs // 4))),
             semi_supervised=bool(len(set(labels[labelled])) >= 2),
-            select="cluster" if first else "best",
-            restarts=t.first_restarts if first else 1,
+            select=select,
+            restarts=restarts,
         )
-        cluster_cfg = ClusterConfig(seed=train_cfg.seed, split_silhouette=FIRST_SPLIT_SILHOUETTE if first else 0.0)
+        cluster_cfg = ClusterConfig(seed=train_cfg.seed, split_silhouette=split)
         init = schedule = None
         if args.kind == "finetune":
             if parent is None:
