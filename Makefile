@@ -72,7 +72,7 @@ ceiling: $(STAMP)
 	$(BIN)/python bench/ceiling.py
 
 # Counting species on simulated deployments (seeds no choice looked at): daily and overall Hill numbers against the
-# truth, the daemon's first model and a user's training beside PCA+GMM baselines; latents cached in out/
+# truth, the daemon's first model, its full retrain and a user's training beside PCA+GMM baselines; latents cached in out/
 diversity: $(STAMP)
 	mkdir -p out
 	$(BIN)/python bench/diversity.py --json out/diversity.jsonl
