@@ -368,7 +368,9 @@ def summary(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12, 13, 14, 15])
-    p.add_argument("--scenarios", nargs="+", default=["daemon", "user"], choices=["daemon", "retrain", "user"])
+    p.add_argument(
+        "--scenarios", nargs="+", default=["daemon", "retrain", "user"], choices=["daemon", "retrain", "user"]
+    )
     p.add_argument(
         "--methods",
         nargs="+",
