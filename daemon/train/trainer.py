@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -191,13 +192,10 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any] | None:
                 raise ValueError("a fine-tune needs --parent")
             init = parent.model.state_dict()
             schedule = BetaSchedule.from_dict(parent.manifest["beta_schedule"])
-            train_cfg = TrainConfig(
-                epochs=epochs,
-                batch_size=batch,
-                seed=train_cfg.seed,
+            train_cfg = replace(
+                train_cfg,
                 beta=schedule.cfg,
                 gamma=TrainConfig.from_dict(parent.manifest["train"]).gamma,  # the parent's label loss and γ cycle
-                semi_supervised=train_cfg.semi_supervised,
             )
         vae_cfg = parent.model.cfg if (parent is not None and args.kind == "finetune") else VAEConfig(n_in=x.shape[1])
         if vae_cfg.n_in != x.shape[1]:
