@@ -241,7 +241,7 @@ def pick_snapshot(tr: dict[str, np.ndarray], cfg: ClusterConfig) -> tuple[np.nda
     for i, ep in enumerate(tr["snap_epochs"]):
         if ep < 25:
             continue
-        q = cluster_quality(tr["snaps"][i][:n], cfg)
+        q = cluster_quality(tr["snaps"][i][:n], replace(cfg, ward_events=TrainConfig.select_events))
         if q > best[0]:
             best = (q, i)
     i = best[1]

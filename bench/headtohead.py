@@ -94,7 +94,7 @@ def baselines(x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, dict[str, fl
     }
 
 
-def train_config(n_train: int, seed: int, epochs: int, semi: bool) -> TrainConfig:
+def train_config(n_train: int, seed: int, epochs: int, semi: bool, select: str = "best") -> TrainConfig:
     """What ``wingbeat train`` does: the project's defaults, the batch rule for small sets (``batch_size_for``: 32
     over 220 events, 7 optimiser steps an epoch instead of 1), at least ``MIN_STEPS`` optimiser steps, and three
     restarts for sets under 500 events (``restarts_for``: UCR's 220)."""
@@ -105,10 +105,11 @@ def train_config(n_train: int, seed: int, epochs: int, semi: bool) -> TrainConfi
         batch_size=batch_size_for(n_train),
         min_steps=MIN_STEPS,  # as `wingbeat train` does
         restarts=restarts_for(n_train),
+        select=select,
     )
 
 
-def job(kind: str, seed: int, epochs: int, latents: str | None) -> dict[str, Any]:
+def job(kind: str, seed: int, epochs: int, latents: str | None, select: str, cut: float) -> dict[str, Any]:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"kind": kind, "seed": seed}
@@ -123,8 +124,9 @@ def job(kind: str, seed: int, epochs: int, latents: str | None) -> dict[str, Any
         x, y, split = paper_data()
         train = split == TRAIN
     labels = np.where(np.isin(y[train], HELD_OUT), "", y[train]) if kind == "semi" else np.full(train.sum(), "")
-    cfg = train_config(int(train.sum()), seed, epochs, kind == "semi")
-    b = build(x[train], labels, VAEConfig(n_in=int(x[0].size)), cfg, ClusterConfig(seed=seed), torch.device("cpu"))
+    cfg = train_config(int(train.sum()), seed, epochs, kind == "semi", select)
+    cluster_cfg = ClusterConfig(seed=seed, split_silhouette=cut)  # not `split`: the events' split
+    b = build(x[train], labels, VAEConfig(n_in=int(x[0].size)), cfg, cluster_cfg, torch.device("cpu"))
     mu, err = (t.double().numpy() for t in encode_mu(b.model, torch.from_numpy(x.reshape(len(x), -1))))
     pred = b.clusterer.assign(mu, err).cluster
     out["k"] = b.clusterer.k
@@ -200,10 +202,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", choices=KINDS, nargs="+", default=list(KINDS))
+    ap.add_argument("--select", choices=("best", "cluster"), default="best", help="kept epoch (TrainConfig.select)")
+    ap.add_argument("--split", type=float, default=0.0, help="ClusterConfig.split_silhouette (0: Ward's one cut)")
     ap.add_argument("--latents", help="folder to save each run's latents, errors, labels and split (.npz)")
     ap.add_argument("--json", help="file to write every run's figures to")
     args = ap.parse_args()
-    tasks = [(k, s, args.epochs, args.latents) for k in args.only for s in args.seeds]
+    tasks = [(k, s, args.epochs, args.latents, args.select, args.split) for k in args.only for s in args.seeds]
     results = []
     with ProcessPoolExecutor(args.jobs) as pool:
         for r in pool.map(job, *zip(*tasks, strict=True)):

@@ -115,6 +115,10 @@ class ClusterConfig:
             )
         if not 1 <= self.k_min <= self.k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min} and {self.k_max}")
+        if not 0 <= self.split_silhouette <= 1:
+            raise ValueError(f"split_silhouette must be in [0, 1] (0: one cut), got {self.split_silhouette}")
+        if self.split_silhouette > 0 and self.method not in ("ward", "modes"):
+            raise ValueError(f"split_silhouette splits the groups of ward and modes, not of {self.method}")
         if not 0.5 < self.novelty_quantile <= 1:
             raise ValueError(f"novelty_quantile must be in (0.5, 1], got {self.novelty_quantile}")
 

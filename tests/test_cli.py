@@ -77,6 +77,22 @@ def test_train_with_restarts_keeps_one_and_says_which(sim, tmp_path):
     assert p.returncode == 2 and "--restarts" in p.stderr
 
 
+def test_train_keeps_the_epoch_and_cuts_as_told(sim, tmp_path):
+    model = tmp_path / "m"
+    args = ("--epochs", "40", "--seed", "3", "--json")
+    p = run("train", str(sim), "--out", str(model), "--select", "cluster", "--split", "0.65", *args)
+    kept = json.loads(p.stdout.strip().splitlines()[-1])["selected_epoch"]
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["train"]["select"] == "cluster" and manifest["cluster"]["split_silhouette"] == 0.65
+    # the clustering criterion's candidates: every 10th epoch after the warm-up (25 epochs), and the last
+    assert manifest["train"]["beta"]["warmup"] == 25 and kept in (29, 39)
+    p = run("train", str(sim), "--out", str(tmp_path / "last"), "--select", "last", *args)
+    assert json.loads(p.stdout.strip().splitlines()[-1])["selected_epoch"] == 39
+    for bad, says in ((("--split", "1.5"), "--split"), (("--clusters", "dp", "--split", "0.5"), "not of dp")):
+        p = run("train", str(sim), "--out", str(tmp_path / "bad"), *bad, ok=False)
+        assert p.returncode == 2 and says in p.stderr and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_train_on_cuda_gives_the_cpu_model_within_rounding(sim, tmp_path):

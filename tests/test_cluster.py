@@ -241,6 +241,17 @@ def test_ward_subsamples_large_sets_and_a_tiny_set_is_one_cluster():
         ClusterConfig(ward_events=5)
 
 
+def test_the_split_is_a_silhouette_and_only_for_ward_and_modes():
+    assert ClusterConfig(method="modes", split_silhouette=1.0).split_silhouette == 1.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="split_silhouette must be in"):
+            ClusterConfig(split_silhouette=bad)
+    for method in ("dp", "bic"):  # their clusters are a mixture's components: nothing splits them again
+        with pytest.raises(ValueError, match=f"not of {method}"):
+            ClusterConfig(method=method, split_silhouette=0.65)
+        assert ClusterConfig(method=method).split_silhouette == 0.0
+
+
 def test_most_agreeing_partition_known_answer():
     a = np.array([0, 0, 0, 1, 1, 1])
     b = np.array([5, 5, 5, 7, 7, 7])  # a relabelled: ARI 1
@@ -324,7 +335,9 @@ def test_training_can_keep_the_epoch_whose_latent_clusters_best():
     bins = np.arange(40)
     x = np.exp(-0.5 * ((bins[None, :] - (8 + 12 * y[:, None])) / 2.0) ** 2) + rng.normal(0, 0.05, (240, 40))
     xt = torch.from_numpy(((x - x.min(1, keepdims=True)) / np.ptp(x, 1, keepdims=True)).astype(np.float32))
-    cfg = TrainConfig(epochs=40, batch_size=32, beta=BetaConfig(warmup=5), select="cluster", select_every=10)
+    cfg = TrainConfig(
+        epochs=40, batch_size=32, beta=BetaConfig(warmup=5), select="cluster", select_every=10, select_events=120
+    )
     torch.manual_seed(0)
     model = VAE(VAEConfig(n_in=40))
     seen: dict[int, np.ndarray] = {}
@@ -335,14 +348,24 @@ def test_training_can_keep_the_epoch_whose_latent_clusters_best():
     r = fit(model, xt, cfg, on_epoch=on_epoch)  # 24 held out: too few for the ELBO, not needed here
     train = r.val_index.numpy()
     train = np.setdiff1d(np.arange(240), train)
-    quality = {e: cluster_quality(seen[e][train], ClusterConfig(seed=0)) for e in (9, 19, 29, 39)}
+    # scored on the same seeded subsample of 120 of the 216 training events at every candidate
+    sub = ClusterConfig(seed=0, ward_events=120)
+    quality = {e: cluster_quality(seen[e][train], sub) for e in (9, 19, 29, 39)}
     # the first epochs' latent has not opened yet (variances ~1e-6): no candidate, whatever its noise scores
     assert math.isnan(quality[9]) and seen[9].var(axis=0).max() < 1e-4
     candidates = {e: q for e, q in quality.items() if not math.isnan(q)}
     assert len(candidates) >= 2 and r.selected_epoch == max(candidates, key=candidates.get)
     assert np.allclose(encode_mu(model, xt)[0].double().numpy(), seen[r.selected_epoch], atol=1e-6)
+    # the score is the subsample's, not the whole set's (which differs here)
+    from model.train import _cluster_score
+
+    whole = cluster_quality(seen[39][train], ClusterConfig(seed=0))
+    score = _cluster_score(model, xt[torch.from_numpy(train)], cfg, 39, 40)
+    assert r.selected_epoch == 39 and score == pytest.approx(-quality[39]) and abs(whole - quality[39]) > 1e-3
     with pytest.raises(ValueError, match="select_every"):
         TrainConfig(select="cluster", select_every=0)
+    with pytest.raises(ValueError, match="select_events"):
+        TrainConfig(select="cluster", select_events=5)
 
 
 def test_groups_of_a_cut_are_split_again_when_they_hold_structure():

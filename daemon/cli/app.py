@@ -34,6 +34,12 @@ class ClusterMethod(str, Enum):
     bic = "bic"
 
 
+class Select(str, Enum):
+    best = "best"
+    cluster = "cluster"
+    last = "last"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from daemon.cli.app import ClusterMethod, Device, Mode, app, clean_errors, emit_json, pick_device, without_nproc
+from daemon.cli.app import ClusterMethod, Device, Mode, Select, app, clean_errors, emit_json, pick_device, without_nproc
 from daemon.cli.folders import LabelFrom, TimeFrom, audio_options, warn
 
 
@@ -142,6 +142,22 @@ def train(
             "mixture) or bic (default ward; bic with --reference)."
         ),
     ] = None,
+    select: Annotated[
+        Select | None,
+        typer.Option(
+            help="Which epoch is kept: best (lowest held-out ELBO), cluster (the latent whose clusters are clearest, "
+            "by silhouette) or last (default best; last with --reference)."
+        ),
+    ] = None,
+    split: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Split a ward cluster again while its own best cut has at least this mean silhouette (0: one cut; "
+            "default 0).",
+        ),
+    ] = None,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch.")] = 1,
     skip_bad: Annotated[
@@ -207,12 +223,14 @@ def train(
         beta=BetaConfig(mode=mode.value, fixed=beta, reference=reference),
         gamma=GammaConfig.paper() if reference else GammaConfig(),
         semi_supervised=semi_supervised,
-        select="last" if reference else "best",
+        select=select.value if select else ("last" if reference else "best"),
         free_bits=(0.0 if reference else TrainConfig.free_bits) if free_bits is None else free_bits,
         restarts=restarts or (1 if (reference or epochs) else restarts_for(len(ds.features))),
     )
     cluster_cfg = ClusterConfig(
-        method=(clusters or (ClusterMethod.bic if reference else ClusterMethod.ward)).value, seed=seed
+        method=(clusters or (ClusterMethod.bic if reference else ClusterMethod.ward)).value,
+        seed=seed,
+        split_silhouette=split or 0.0,
     )
     if semi_supervised and ds.labelled.sum() == 0:
         raise ValueError(f"--semi-supervised: {data} has no labelled events")
