@@ -270,11 +270,12 @@ def test_a_cpu_training_rests_to_its_share(busy, share, rest):
 @pytest.mark.parametrize(
     ("kind", "parent_cluster", "expected"),
     [
-        ("first", None, ("cluster", 3, 0.65)),  # a new model: clustering criterion, the split, three trainings
-        ("full", {"split_silhouette": 0.0}, ("cluster", 1, 0.65)),  # a full retrain: the same rule, one training
-        ("finetune", {"split_silhouette": 0.65}, ("best", 1, 0.65)),  # a fine-tune cuts as its parent did …
-        ("finetune", {"split_silhouette": 0.0}, ("best", 1, 0.0)),  # … a model from `wingbeat train` too
-        ("finetune", {}, ("best", 1, 0.0)),  # a manifest from before the split
+        ("first", None, ("cluster", 3, "ward", 0.65)),  # a new model: clustering criterion, the split, three
+        ("full", {"method": "dp", "split_silhouette": 0.0}, ("cluster", 1, "ward", 0.65)),  # … one training
+        ("finetune", {"method": "ward", "split_silhouette": 0.65}, ("best", 1, "ward", 0.65)),  # as its parent …
+        ("finetune", {"method": "ward", "split_silhouette": 0.0}, ("best", 1, "ward", 0.0)),  # … `wingbeat train`
+        ("finetune", {"method": "dp", "split_silhouette": 0.0}, ("best", 1, "dp", 0.0)),  # … --clusters dp
+        ("finetune", {}, ("best", 1, "ward", 0.0)),  # a manifest from before the split
     ],
 )
 def test_each_kind_of_training_keeps_its_epoch_and_cuts_by_its_rule(kind, parent_cluster, expected):

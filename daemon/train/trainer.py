@@ -100,9 +100,9 @@ def lower_priority(idle: bool, nice: int) -> str:
     return f"nice {nice}"
 
 
-def recipe(kind: str, restarts: int, parent_cluster: dict[str, Any] | None = None) -> tuple[str, int, float]:
+def recipe(kind: str, restarts: int, parent_cluster: dict[str, Any] | None = None) -> tuple[str, int, str, float]:
     """How a training of ``kind`` keeps its epoch and cuts its clusters: (``TrainConfig.select``, trainings,
-    ``ClusterConfig.split_silhouette``).
+    ``ClusterConfig.method``, ``ClusterConfig.split_silhouette``).
 
     A new model (the first, or a full retrain) keeps the epoch whose latent clusters best (label-free silhouette,
     not the held-out likelihood) and splits a cluster that is itself two clear groups (``SPLIT_SILHOUETTE``): on
@@ -110,14 +110,15 @@ def recipe(kind: str, restarts: int, parent_cluster: dict[str, Any] | None = Non
     model's few hundred events and for a full retrain alike (docs/RESULTS.md "Counting species"). The first model
     is trained ``restarts`` times (``training.first_restarts``), the most agreeing kept; a full retrain once (three
     did not count better). A fine-tune continues its parent and cuts its clusters by the parent's rule
-    (``parent_cluster``: the parent manifest's ``cluster``), so a model given by ``wingbeat train`` stays cut as
-    it was.
+    (``parent_cluster``: the parent manifest's ``cluster``: its method and split), so a model given by ``wingbeat
+    train`` stays cut as it was, ``--clusters dp`` included.
     """
     if kind == "finetune":
-        return "best", 1, float((parent_cluster or {}).get("split_silhouette", 0.0))
+        parent = parent_cluster or {}
+        return "best", 1, str(parent.get("method", "ward")), float(parent.get("split_silhouette", 0.0))
     if kind not in ("first", "full"):
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return "cluster", restarts if kind == "first" else 1, SPLIT_SILHOUETTE
+    return "cluster", restarts if kind == "first" else 1, "ward", SPLIT_SILHOUETTE
 
 
 def rest_after(busy_s: float, share: float) -> float:
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any] | None:
         labelled = labels != ""
         batch = batch_size_for(len(ids))
         # the kept epoch, the trainings and the cut: ``recipe``
-        select, restarts, split = recipe(
+        select, restarts, method, split = recipe(
             args.kind, t.first_restarts, parent.manifest.get("cluster") if parent else None
         )
         train_cfg = TrainConfig(
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace, cfg: Config) -> dict[str, Any] | None:
             select=select,
             restarts=restarts,
         )
-        cluster_cfg = ClusterConfig(seed=train_cfg.seed, split_silhouette=split)
+        cluster_cfg = ClusterConfig(method=method, seed=train_cfg.seed, split_silhouette=split)
         init = schedule = None
         if args.kind == "finetune":
             if parent is None:
