@@ -88,7 +88,7 @@ def test_train_keeps_the_epoch_and_cuts_as_told(sim, tmp_path):
     assert manifest["train"]["beta"]["warmup"] == 25 and kept in (29, 39)
     p = run("train", str(sim), "--out", str(tmp_path / "last"), "--select", "last", *args)
     assert json.loads(p.stdout.strip().splitlines()[-1])["selected_epoch"] == 39
-    for bad, says in ((("--split", "1.5"), "--split"), (("--clusters", "dp", "--split", "0.5"), "not of dp")):
+    for bad, says in ((("--split", "1.5"), "--split"), (("--clusters", "dp", "--split", "0.5"), "these are dp's")):
         p = run("train", str(sim), "--out", str(tmp_path / "bad"), *bad, ok=False)
         assert p.returncode == 2 and says in p.stderr and not (tmp_path / "bad").exists()
 

@@ -203,6 +203,10 @@ def train(
 
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists (choose another --out, or --force to replace it)")
+    method = (clusters or (ClusterMethod.bic if reference else ClusterMethod.ward)).value
+    if split and method != "ward":  # before the data set is read
+        raise ValueError(f"--split splits ward's clusters, and these are {method}'s (give --clusters ward)")
+    cluster_cfg = ClusterConfig(method=method, seed=seed, split_silhouette=split or 0.0)
     torch.set_num_threads(threads)
     dev = pick_device(device)
     shard = ddp.join(dev.type == "cuda")
@@ -226,11 +230,6 @@ def train(
         select=select.value if select else ("last" if reference else "best"),
         free_bits=(0.0 if reference else TrainConfig.free_bits) if free_bits is None else free_bits,
         restarts=restarts or (1 if (reference or epochs) else restarts_for(len(ds.features))),
-    )
-    cluster_cfg = ClusterConfig(
-        method=(clusters or (ClusterMethod.bic if reference else ClusterMethod.ward)).value,
-        seed=seed,
-        split_silhouette=split or 0.0,
     )
     if semi_supervised and ds.labelled.sum() == 0:
         raise ValueError(f"--semi-supervised: {data} has no labelled events")
