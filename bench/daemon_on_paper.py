@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import diversity as D
 
 from daemon.ops.config import Training
-from model.cluster import ClusterConfig, fit_clusterer, most_agreeing
+from model.cluster import ClusterConfig
 from model.spectra import FeatureConfig, featurise_spectra
 
 DATA = D.ROOT.parent / "shared" / "data" / "dynamicbeta_synthetic_spectra.npz"
@@ -49,18 +48,9 @@ def draw(scenario: str, index: int, events: int, x_all: np.ndarray, y_all: np.nd
         D.train_scenario(x, scenario, s, r) for r in range(Training().first_restarts if scenario == "daemon" else 1)
     ]
     n = int(runs[0]["n_train"])
-    cseed = Training().seed + (1 if scenario == "daemon" else 2)  # the version's seed, as the trainer gives it
     out: dict = {"scenario": scenario, "draw": index, "events": events, "n_train": n, "species": len(set(y[:n]))}
     for name, (cfg, select) in RULES.items():
-        fits = []
-        for tr in runs:
-            if select == "elbo":
-                mu, err, epoch = tr["mu"], tr["err"], int(tr["selected"])
-            else:
-                mu, err, epoch = D.pick_snapshot(tr, replace(cfg, seed=s.seed))
-            cl = fit_clusterer(mu[:n], err[:n], replace(cfg, seed=cseed))
-            fits.append((cl.k, cl.assign(mu, err).cluster, epoch))
-        k, pred, epoch = fits[most_agreeing([p[:n] for _, p, _ in fits])[0]]
+        k, pred, epoch, _ = D.kept_model(runs, cfg, select, s.seed, D.clusterer_seed(scenario, s.seed))
         out[name] = {"k": k, "ari": round(float(sklearn.metrics.adjusted_rand_score(y, pred)), 3), "epoch": epoch}
     base = D.baseline(x, n, 2, s.seed)
     out["pca2_gmm"] = {"k": len(set(base[:n])), "ari": round(float(sklearn.metrics.adjusted_rand_score(y, base)), 3)}

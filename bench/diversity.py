@@ -291,6 +291,31 @@ def run_seed(
     return rows
 
 
+def clusterer_seed(scenario: str, seed: int) -> int:
+    """The clusterer's seed: the daemon's trainer gives it the version's training seed (``model.build`` keeps it
+    for every restart), version 1 for the first model and 2 for the full retrain; the user's training, ``seed``."""
+    return {"daemon": Training().seed + 1, "retrain": Training().seed + 2}.get(scenario, seed)
+
+
+def kept_model(
+    runs: list[dict[str, np.ndarray]], cfg: ClusterConfig, select: str, pick_seed: int, fit_seed: int
+) -> tuple[int, np.ndarray, int, int]:
+    """The clusters a model trained as ``runs`` publishes, cut by ``cfg`` at the epoch ``select`` keeps ("elbo" or
+    "cluster"): of several trainings the one whose clusters of the training events agree best with the others'
+    (``model.build``). Returns K, the cluster of every event, the kept epoch and the kept training."""
+    n = int(runs[0]["n_train"])
+    fits = []
+    for tr in runs:
+        if select == "elbo":
+            mu, err, epoch = tr["mu"], tr["err"], int(tr["selected"])
+        else:
+            mu, err, epoch = pick_snapshot(tr, replace(cfg, seed=pick_seed))
+        cl = fit_clusterer(mu[:n], err[:n], replace(cfg, seed=fit_seed))
+        fits.append((cl.k, cl.assign(mu, err).cluster, epoch))
+    kept = most_agreeing([pred[:n] for _, pred, _ in fits])[0]
+    return (*fits[kept], kept)
+
+
 def score_runs(
     runs: list[dict[str, np.ndarray]],
     s: Setting,
@@ -307,22 +332,10 @@ def score_runs(
     n = int(runs[0]["n_train"])
     k_train = len(np.unique(species[:n]))
     base = {"seed": s.seed, "scenario": scenario, "species": len(truth["species"]), "species_train": k_train}
-    # the clusterer's seed: the daemon's trainer gives it the version's training seed (model.build keeps it for
-    # every restart): version 1 for the first model, 2 for the retrain
-    cseed = {"daemon": Training().seed + 1, "retrain": Training().seed + 2}.get(scenario, s.seed)
     for name, cfg in methods.items():
         for select in selects:
-            fits = []
-            for tr in runs:
-                if select == "elbo":
-                    mu, err, epoch = tr["mu"], tr["err"], int(tr["selected"])
-                else:
-                    mu, err, epoch = pick_snapshot(tr, replace(cfg, seed=s.seed))
-                cl = fit_clusterer(mu[:n], err[:n], replace(cfg, seed=cseed))
-                fits.append((cl, cl.assign(mu, err).cluster, epoch))
-            kept = most_agreeing([pred[:n] for _, pred, _ in fits])[0]
-            cl, pred, epoch = fits[kept]
-            row = {**base, "method": f"{name}/{select}", "epoch": epoch, "k_model": cl.k, "restart": kept}
+            k, pred, epoch, kept = kept_model(runs, cfg, select, s.seed, clusterer_seed(scenario, s.seed))
+            row = {**base, "method": f"{name}/{select}", "epoch": epoch, "k_model": k, "restart": kept}
             row.update(score(pred, species, day, truth, rule))
             row["ari_train"] = float(sklearn.metrics.adjusted_rand_score(species[:n], pred[:n]))
             rows.append(row)
