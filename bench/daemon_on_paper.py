@@ -5,8 +5,9 @@ as the daemon's trainer does (``bench/diversity.py``'s ``train_scenario``): ``da
 600 events of the draw, ``training.epochs_first`` epochs, ``training.first_restarts`` trainings, the most agreeing
 kept), or ``retrain``, a full retrain (every event of the draw, ``training.epochs_full`` epochs, one training).
 Prints one JSON object per draw: K and ARI (over every event of the draw) for the held-out ELBO's epoch with Ward's
-one cut, and the clustering criterion's epoch with the split (the daemon's rule), beside PCA(2)+GMM fitted on the
-training events. About 40 s a first-model draw and 60 s a retrain draw on one core.
+one cut, the clustering criterion's epoch with the split (the daemon's rule before density), and the held-out
+ELBO's epoch with groups by density in the features, split again (the daemon's rule), beside PCA(2)+GMM fitted on
+the training events. About 40 s a first-model draw and 60 s a retrain draw on one core.
 
 Usage: python bench/daemon_on_paper.py [--scenario daemon|retrain] [--draws 0 1 2 3 4] [--events 2000]
 """
@@ -36,6 +37,7 @@ DATA = D.ROOT.parent / "shared" / "data" / "dynamicbeta_synthetic_spectra.npz"
 RULES = {  # name: (clusterer, kept epoch)
     "ward/elbo": (ClusterConfig(), "elbo"),
     "ward+split/cluster": (ClusterConfig(split_silhouette=D.SPLIT_SILHOUETTE), "cluster"),
+    "density+split/elbo": (D.METHODS["density+split"], "elbo"),
 }
 
 
@@ -50,7 +52,7 @@ def draw(scenario: str, index: int, events: int, x_all: np.ndarray, y_all: np.nd
     n = int(runs[0]["n_train"])
     out: dict = {"scenario": scenario, "draw": index, "events": events, "n_train": n, "species": len(set(y[:n]))}
     for name, (cfg, select) in RULES.items():
-        k, pred, epoch, _ = D.kept_model(runs, cfg, select, s.seed, D.clusterer_seed(scenario, s.seed))
+        k, pred, epoch, _ = D.kept_model(runs, cfg, select, s.seed, D.clusterer_seed(scenario, s.seed), x)
         out[name] = {"k": k, "ari": round(float(sklearn.metrics.adjusted_rand_score(y, pred)), 3), "epoch": epoch}
     base = D.baseline(x, n, 2, s.seed)
     out["pca2_gmm"] = {"k": len(set(base[:n])), "ari": round(float(sklearn.metrics.adjusted_rand_score(y, base)), 3)}

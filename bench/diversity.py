@@ -15,7 +15,9 @@ sample rate, wavelengths and noise vary with the seed. Three scenarios train on 
 
 The latent of each training is kept every ``SNAPSHOT`` epochs, so that the kept epoch can be chosen by either
 rule (``model.train``'s held-out ELBO, or the label-free clustering criterion of ``model.cluster.cluster_quality``)
-without training again. Latents are cached under ``--cache`` (keyed by every setting), so a second run only
+without training again. The daemon's rule is ``density+split/elbo``: groups by density in the training events'
+features (``model.cluster``'s ``"density"``), split again in the latent, at the held-out ELBO's epoch; ``ward+split/
+cluster`` was its rule before. Latents are cached under ``--cache`` (keyed by every setting), so a second run only
 clusters. Baselines, fitted on the same training events: PCA(2)+GMM and PCA(10)+GMM, K by BIC (1–20).
 
 Scores per seed: the number of clusters (K), richness error per day (worst day) and overall, mean relative error
@@ -67,10 +69,12 @@ DAY_NS = 86_400 * 10**9
 INSTRUMENTS = ((20_800.0, 2, 30.0), (16_000.0, 1, 60.0), (9_600.0, 2, 120.0))  # (fs Hz, channels, noise), by seed
 METHODS = {
     "ward": ClusterConfig(),
-    "ward+split": ClusterConfig(split_silhouette=SPLIT_SILHOUETTE),  # the daemon's new models
+    "ward+split": ClusterConfig(split_silhouette=SPLIT_SILHOUETTE),  # the daemon's new models before density
     "dp": ClusterConfig(method="dp"),
     "bic": ClusterConfig(method="bic"),
     "modes": ClusterConfig(method="modes"),
+    "density": ClusterConfig(method="density"),
+    "density+split": ClusterConfig(method="density", split_silhouette=SPLIT_SILHOUETTE),  # the daemon's new models
 }
 TARGETS = {"richness_day": 1, "richness_all": 1, "q1_err": 0.10, "q2_err": 0.10, "rho": 0.8, "cover": 0.9}
 
@@ -275,7 +279,8 @@ def run_seed(
             ]
         for i, runs in enumerate(sets):
             rows += [
-                {**r, "training": i} for r in score_runs(runs, s, scenario, methods, selects, species, day, truth, rule)
+                {**r, "training": i}
+                for r in score_runs(runs, s, scenario, methods, selects, species, day, truth, rule, x)
             ]
         n = int(sets[0][0]["n_train"])
         base = {"seed": s.seed, "scenario": scenario, "species": len(truth["species"])}
@@ -298,19 +303,26 @@ def clusterer_seed(scenario: str, seed: int) -> int:
 
 
 def kept_model(
-    runs: list[dict[str, np.ndarray]], cfg: ClusterConfig, select: str, pick_seed: int, fit_seed: int
+    runs: list[dict[str, np.ndarray]],
+    cfg: ClusterConfig,
+    select: str,
+    pick_seed: int,
+    fit_seed: int,
+    features: np.ndarray | None = None,
 ) -> tuple[int, np.ndarray, int, int]:
     """The clusters a model trained as ``runs`` publishes, cut by ``cfg`` at the epoch ``select`` keeps ("elbo" or
     "cluster"): of several trainings the one whose clusters of the training events agree best with the others'
-    (``model.build``). Returns K, the cluster of every event, the kept epoch and the kept training."""
+    (``model.build``). ``features``: every event's (the first ``n_train`` trained on), for ``"density"``. Returns
+    K, the cluster of every event, the kept epoch and the kept training."""
     n = int(runs[0]["n_train"])
+    train_features = None if features is None else features[:n]
     fits = []
     for tr in runs:
         if select == "elbo":
             mu, err, epoch = tr["mu"], tr["err"], int(tr["selected"])
         else:
             mu, err, epoch = pick_snapshot(tr, replace(cfg, seed=pick_seed))
-        cl = fit_clusterer(mu[:n], err[:n], replace(cfg, seed=fit_seed))
+        cl = fit_clusterer(mu[:n], err[:n], replace(cfg, seed=fit_seed), features=train_features)
         fits.append((cl.k, cl.assign(mu, err).cluster, epoch))
     kept = most_agreeing([pred[:n] for _, pred, _ in fits])[0]
     return (*fits[kept], kept)
@@ -326,15 +338,17 @@ def score_runs(
     day: np.ndarray,
     truth: dict[str, Any],
     rule: str,
+    features: np.ndarray | None = None,
 ) -> list[dict]:
-    """One row per clusterer and kept-epoch rule of a model trained as ``runs`` (several: the most agreeing kept)."""
+    """One row per clusterer and kept-epoch rule of a model trained as ``runs`` (several: the most agreeing kept);
+    ``features`` of every event, for ``"density"``."""
     rows = []
     n = int(runs[0]["n_train"])
     k_train = len(np.unique(species[:n]))
     base = {"seed": s.seed, "scenario": scenario, "species": len(truth["species"]), "species_train": k_train}
     for name, cfg in methods.items():
         for select in selects:
-            k, pred, epoch, kept = kept_model(runs, cfg, select, s.seed, clusterer_seed(scenario, s.seed))
+            k, pred, epoch, kept = kept_model(runs, cfg, select, s.seed, clusterer_seed(scenario, s.seed), features)
             row = {**base, "method": f"{name}/{select}", "epoch": epoch, "k_model": k, "restart": kept}
             row.update(score(pred, species, day, truth, rule))
             row["ari_train"] = float(sklearn.metrics.adjusted_rand_score(species[:n], pred[:n]))
@@ -390,10 +404,12 @@ def main() -> None:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["ward", "ward+split"],
+        default=["ward", "ward+split", "density+split"],
         choices=sorted(METHODS),
-        help="clusterers to score: model.cluster's methods (ward, dp, bic, modes), and ward+split (groups split "
-        f"again, split_silhouette {SPLIT_SILHOUETTE}: the daemon's first model and full retrains)",
+        help="clusterers to score: model.cluster's methods (ward, dp, bic, modes, density), ward+split (groups split "
+        f"again, split_silhouette {SPLIT_SILHOUETTE}: the daemon's new models before density+split) and "
+        "density+split (groups by density in the features, split again: the daemon's first model and full "
+        "retrains, with the held-out ELBO's epoch)",
     )
     p.add_argument(
         "--select",

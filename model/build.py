@@ -69,7 +69,8 @@ def build(
     grid (``FeatureConfig().grid``) when the features' size fits it; otherwise (features from elsewhere, e.g. the
     UCR archive's) there are no cards.
     """
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32).reshape(len(features), -1)).to(device)
+    flat = np.ascontiguousarray(features, dtype=np.float32).reshape(len(features), -1)  # (events, inputs)
+    x = torch.from_numpy(flat).to(device)
     codes, names = label_codes(labels)
     # a fine-tune continues one model; a new one is trained once per restart seed, the most agreeing kept
     seeds = train_cfg.restart_seeds() if init is None and schedule is None else [train_cfg.seed]
@@ -79,7 +80,8 @@ def build(
         cfg = replace(train_cfg, seed=seed)
         result = fit(model, x, cfg, torch.from_numpy(codes), schedule=schedule, on_epoch=on_epoch, shard=shard)
         mu, err = (t.double().cpu().numpy() for t in encode_mu(model, x))
-        clusterer = fit_clusterer(mu, err, cluster_cfg, labels if train_cfg.semi_supervised else None)
+        semi = labels if train_cfg.semi_supervised else None
+        clusterer = fit_clusterer(mu, err, cluster_cfg, semi, flat if cluster_cfg.method == "density" else None)
         runs.append((model, result, mu, err, clusterer, clusterer.assign(mu, err)))
     kept, agreement = most_agreeing([assigned.cluster for *_, assigned in runs])
     model, result, mu, err, clusterer, assigned = runs[kept]

@@ -1,6 +1,7 @@
 """Choosing and counting clusters without labels (used by ``model.cluster``): which latent dimensions are in
 use, the partition most like the others, Ward cuts scored by the mean silhouette, splitting a cut's groups
-further, the modes of a BIC mixture, and when a cluster counts as present in a window. Pure."""
+further, the modes of a BIC mixture, groups of events by density in their features, and when a cluster counts
+as present in a window. Pure."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import scipy.stats
 import sklearn.metrics
+from sklearn.cluster import HDBSCAN
+from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
 PRESENT_SHARE = 0.005  # present_min: share of a window's events a cluster needs to count as present
 PRESENT_FLOOR = 2  # … and never fewer events than this
 PRESENT_FROM = 50  # … in windows of at least this many events; in smaller ones every cluster with an event counts
 ACTIVE_VARIANCE = 0.01  # active_dims: variance over the events of a dimension's mean, against the prior's 1
+DENSITY_DIMS = 20  # density_groups: principal components of the features the density is read in
+DENSITY_GROUPED = 0.5  # density_groups: below this share of events in groups, the events are one group
 RIDGE_POINTS = 41  # one_mode: points on the segment between two components' means where their density is read
 
 
@@ -116,6 +121,31 @@ def modes(z: np.ndarray, k_max: int, seed: int, n_init: int = 2) -> np.ndarray:
             joined[i, j] = one_mode(gm.weights_[pair], gm.means_[pair], gm.covariances_[pair])
     _, group = scipy.sparse.csgraph.connected_components(scipy.sparse.csr_matrix(joined), directed=False)
     return np.unique(group[gm.predict(z)], return_inverse=True)[1].astype(np.int64)
+
+
+def density_groups(features: np.ndarray, min_size: int, dims: int = DENSITY_DIMS) -> np.ndarray:
+    """Groups of events by the density of their features (events, values): HDBSCAN (Campello, Moulavi & Sander
+    2013) on the first ``dims`` principal components, each group at least ``min_size`` events, chosen by excess of
+    mass. Labels (events,) 0 … k−1, and −1 for events in no group (in the sparse space between groups); when
+    fewer than ``DENSITY_GROUPED`` of the events are in groups, every event is in one.
+
+    A species' spectra lie on a bent, uneven band (wing-beat frequency, body size and angle vary within it); what
+    parts two species is a gap in density, which neither a sum of squares (Ward) nor a Gaussian per group (BIC)
+    measures. Where the groups touch with no gap between them, the density has one broad mode: excess of mass
+    then keeps most events in one group, which ``split_further`` can still part (``model.cluster``'s
+    ``"density"``). Deterministic: no random start.
+    """
+    x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    if min_size < 2:
+        raise ValueError(f"min_size must be at least 2, got {min_size}")
+    if len(x) < 2 * min_size:
+        return np.zeros(len(x), np.int64)  # too few events for two groups: one
+    k = min(dims, x.shape[1], len(x) - 1)
+    z = PCA(k, svd_solver="full").fit_transform(x) if k < x.shape[1] else x - x.mean(axis=0)
+    lab = HDBSCAN(min_cluster_size=min_size, copy=True).fit(z).labels_.astype(np.int64)
+    # most events in no group: the density has no groups to speak of (a structureless cloud leaves a few dense
+    # specks of noise as "groups"), so it is one group
+    return lab if (lab >= 0).mean() >= DENSITY_GROUPED else np.zeros(len(x), np.int64)
 
 
 def most_agreeing(partitions: list[np.ndarray]) -> tuple[int, np.ndarray]:

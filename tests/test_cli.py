@@ -86,8 +86,14 @@ def test_train_keeps_the_epoch_and_cuts_as_told(sim, tmp_path):
     assert manifest["train"]["select"] == "cluster" and manifest["cluster"]["split_silhouette"] == 0.65
     # the clustering criterion's candidates: every 10th epoch after the warm-up (25 epochs), and the last
     assert manifest["train"]["beta"]["warmup"] == 25 and kept in (29, 39)
-    p = run("train", str(sim), "--out", str(tmp_path / "last"), "--select", "last", *args)
+    # the daemon's cut of a new model: groups by density in the features, split again in the latent
+    last = tmp_path / "last"
+    p = run(
+        "train", str(sim), "--out", str(last), "--select", "last", "--clusters", "density", "--split", "0.65", *args
+    )
     assert json.loads(p.stdout.strip().splitlines()[-1])["selected_epoch"] == 39
+    cut = json.loads((last / "manifest.json").read_text())["cluster"]
+    assert (cut["method"], cut["split_silhouette"], cut["density_dims"]) == ("density", 0.65, 20)
     for bad, says in ((("--split", "1.5"), "--split"), (("--clusters", "dp", "--split", "0.5"), "these are dp's")):
         p = run("train", str(sim), "--out", str(tmp_path / "bad"), *bad, ok=False)
         assert p.returncode == 2 and says in p.stderr and not (tmp_path / "bad").exists()

@@ -241,8 +241,11 @@ def test_ward_subsamples_large_sets_and_a_tiny_set_is_one_cluster():
         ClusterConfig(ward_events=5)
 
 
-def test_the_split_is_a_silhouette_and_only_for_ward_and_modes():
+def test_the_split_is_a_silhouette_and_only_for_ward_modes_and_density():
     assert ClusterConfig(method="modes", split_silhouette=1.0).split_silhouette == 1.0
+    assert ClusterConfig(method="density", split_silhouette=0.65).split_silhouette == 0.65
+    with pytest.raises(ValueError, match="density_dims"):
+        ClusterConfig(method="density", density_dims=0)
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="split_silhouette must be in"):
             ClusterConfig(split_silhouette=bad)
@@ -423,3 +426,51 @@ def test_modes_count_groups_not_the_gaussians_that_tile_them():
     assert cl.k == 3 and adjusted_rand_score(y, cl.assign(x).cluster) > 0.97
     # one round blob stays one cluster
     assert len(np.unique(modes(rng.normal(0, 1, (600, 4)), 10, seed=0))) == 1
+
+
+def _moons(n: int, seed: int, dims: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """Two interleaved half-moons (sklearn's), in the first two of ``dims`` values, small noise in the rest."""
+    from sklearn.datasets import make_moons
+
+    xy, y = make_moons(n, noise=0.06, random_state=seed)
+    rng = np.random.default_rng(seed)
+    return np.c_[xy, rng.normal(0, 0.02, (n, dims - 2))], y
+
+
+def test_density_groups_follow_bent_bands_that_ward_cuts_across():
+    from sklearn.metrics import adjusted_rand_score
+
+    from model.kchoice import density_groups, ward_cut
+
+    x, y = _moons(600, 0)
+    lab = density_groups(x, min_size=6)
+    grouped = lab >= 0
+    assert len(np.unique(lab[grouped])) == 2 and grouped.mean() > 0.9
+    assert adjusted_rand_score(y[grouped], lab[grouped]) > 0.98
+    # Ward's best-silhouette cut of the same points cuts across the moons
+    z = (x[:, :2] - x[:, :2].mean(0)) / x[:, :2].std(0)
+    assert adjusted_rand_score(y, ward_cut(z, 10)[0]) < 0.6
+    np.testing.assert_array_equal(density_groups(x, min_size=6), lab)  # no random start
+    # a structureless cloud leaves most events in no group (a few dense specks): it is one group; so are too few
+    # events for two groups
+    np.testing.assert_array_equal(density_groups(np.random.default_rng(1).normal(0, 1, (600, 30)), 6), np.zeros(600))
+    np.testing.assert_array_equal(density_groups(x[:10], min_size=6), np.zeros(10, np.int64))
+    with pytest.raises(ValueError, match="min_size"):
+        density_groups(x, min_size=1)
+
+
+def test_density_clusters_come_from_the_features_and_serve_from_the_latent():
+    from sklearn.metrics import adjusted_rand_score
+
+    x, y = _moons(800, 2)
+    # a latent that merges the two moons into one round cloud, and keeps a trace of them along one axis
+    rng = np.random.default_rng(3)
+    mu = np.c_[rng.normal(0, 1, 800) + 6.0 * y, rng.normal(0, 1, 800)]
+    ward = fit_clusterer(mu, np.ones(800), ClusterConfig(k_max=10))
+    dens = fit_clusterer(mu, np.ones(800), ClusterConfig(method="density", k_max=10), features=x)
+    assert dens.k == 2
+    assert adjusted_rand_score(y, dens.assign(mu).cluster) > 0.9
+    assert adjusted_rand_score(y, dens.assign(mu).cluster) >= adjusted_rand_score(y, ward.assign(mu).cluster)
+    for bad, says in ((None, "got none"), (x[:10], "got 10 rows")):
+        with pytest.raises(ValueError, match=says):
+            fit_clusterer(mu, np.ones(800), ClusterConfig(method="density"), features=bad)

@@ -86,8 +86,9 @@ def test_featurise_threads_give_the_same_features_as_the_serving_thread():
     pool.close()
     assert sorted(got.features) == sorted(one.features) == list(range(40))
     for i in range(40):
-        # float32 sums over batches of another size round differently in the last place
-        np.testing.assert_allclose(got.features[i], one.features[i], rtol=1e-5, atol=1e-7)
+        # float32 sums over batches of another size round differently in the last places (2.7e-5 relative seen on
+        # one CPU, in one value of 193)
+        np.testing.assert_allclose(got.features[i], one.features[i], rtol=1e-4, atol=1e-6)
 
 
 def test_the_serving_thread_makes_the_parts_no_thread_has_started():
@@ -270,9 +271,10 @@ def test_a_cpu_training_rests_to_its_share(busy, share, rest):
 @pytest.mark.parametrize(
     ("kind", "parent_cluster", "expected"),
     [
-        ("first", None, ("cluster", 3, "ward", 0.65)),  # a new model: clustering criterion, the split, three
-        ("full", {"method": "dp", "split_silhouette": 0.0}, ("cluster", 1, "ward", 0.65)),  # … one training
-        ("finetune", {"method": "ward", "split_silhouette": 0.65}, ("best", 1, "ward", 0.65)),  # as its parent …
+        ("first", None, ("best", 3, "density", 0.65)),  # a new model: groups by density, the split, three
+        ("full", {"method": "dp", "split_silhouette": 0.0}, ("best", 1, "density", 0.65)),  # … one training
+        ("finetune", {"method": "density", "split_silhouette": 0.65}, ("best", 1, "density", 0.65)),  # as its parent
+        ("finetune", {"method": "ward", "split_silhouette": 0.65}, ("best", 1, "ward", 0.65)),  # … an older one …
         ("finetune", {"method": "ward", "split_silhouette": 0.0}, ("best", 1, "ward", 0.0)),  # … `wingbeat train`
         ("finetune", {"method": "dp", "split_silhouette": 0.0}, ("best", 1, "dp", 0.0)),  # … --clusters dp
         ("finetune", {}, ("best", 1, "ward", 0.0)),  # a manifest from before the split

@@ -32,6 +32,7 @@ class ClusterMethod(str, Enum):
     ward = "ward"
     dp = "dp"
     bic = "bic"
+    density = "density"
 
 
 class Select(str, Enum):

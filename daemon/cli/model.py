@@ -139,7 +139,8 @@ def train(
         ClusterMethod | None,
         typer.Option(
             help="How K is chosen: ward (Ward's hierarchy cut at the best silhouette), dp (Dirichlet-process "
-            "mixture) or bic (default ward; bic with --reference)."
+            "mixture), bic, or density (groups by density in the features, the daemon's new models: give it "
+            "--split 0.65 as the daemon does) (default ward; bic with --reference)."
         ),
     ] = None,
     select: Annotated[
@@ -154,8 +155,8 @@ def train(
         typer.Option(
             min=0.0,
             max=1.0,
-            help="Split a ward cluster again while its own best cut has at least this mean silhouette (0: one cut; "
-            "default 0).",
+            help="Split a ward or density cluster again while its own best cut has at least this mean silhouette "
+            "(0: one cut; default 0).",
         ),
     ] = None,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
@@ -204,8 +205,10 @@ def train(
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists (choose another --out, or --force to replace it)")
     method = (clusters or (ClusterMethod.bic if reference else ClusterMethod.ward)).value
-    if split and method != "ward":  # before the data set is read
-        raise ValueError(f"--split splits ward's clusters, and these are {method}'s (give --clusters ward)")
+    if split and method not in ("ward", "density"):  # before the data set is read
+        raise ValueError(
+            f"--split splits ward's or density's clusters, and these are {method}'s (give --clusters ward)"
+        )
     cluster_cfg = ClusterConfig(method=method, seed=seed, split_silhouette=split or 0.0)
     torch.set_num_threads(threads)
     dev = pick_device(device)
