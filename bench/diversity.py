@@ -59,7 +59,7 @@ from daemon.ops.config import Training
 from daemon.train.trainer import SPLIT_SILHOUETTE
 from model.beta import BetaConfig
 from model.cluster import ClusterConfig, cluster_quality, fit_clusterer, most_agreeing
-from model.diversity import present, summarise
+from model.diversity import present, window_summary
 from model.spectra import FeatureConfig, featurise_events
 from model.train import TrainConfig, batch_size_for, encode_mu, fit
 from model.vae import VAE, VAEConfig
@@ -184,8 +184,9 @@ def baseline(x: np.ndarray, n_train: int, dims: int, seed: int) -> np.ndarray:
 
 
 def q0_interval(counts: np.ndarray, seed: int) -> tuple[float, float]:
-    """The 95 % interval of estimated richness (``model.diversity``, from every count, as ``wingbeat diversity``)."""
-    lo, hi = summarise(counts, seed, 200).to_dict()["ci95"]["q0"]
+    """The 95 % interval of estimated richness, as ``wingbeat diversity`` reports it (``model.diversity``'s
+    ``window_summary``: from every count, reaching down to the clusters present)."""
+    lo, hi = window_summary(counts, seed, 200)["ci95"]["q0"]
     return float(lo), float(hi)
 
 

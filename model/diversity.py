@@ -173,10 +173,19 @@ def present(counts: Any) -> np.ndarray:
 def window_summary(counts: Any, seed: int = 0, n_boot: int = 200) -> dict[str, Any]:
     """A window's figures as Wingbeat reports them (JSON-ready): ``observed`` Hill numbers of the clusters present
     (``present``), ``stray`` the events of the others; ``estimated``, ``ci95`` and ``coverage`` from every count
-    (:func:`summarise`), because the estimators read the community's unseen part off its rarest clusters."""
+    (:func:`summarise`), because the estimators read the community's unseen part off its rarest clusters.
+
+    The q0 interval reaches down to the clusters present: a cluster below the presence floor holds strays or a
+    species too rare to tell from them, and the interval spans both readings. (The bootstrap's own lower bound is
+    clipped at the richness of every cluster with an event, which would put the observed richness below its own
+    interval whenever strays are about; on simulated deployments the wider interval covered the true richness on
+    43 % of days against 34 %, docs/RESULTS.md.)"""
     x = as_counts(counts)
     out = summarise(x, seed, n_boot).to_dict()
     kept = present(x)
     out["observed"] = {k: _json_number(v) for k, v in observed(kept).items()}
     out["stray"] = int(x.sum() - kept.sum())
+    lo = out["ci95"]["q0"][0]
+    if lo is not None:
+        out["ci95"]["q0"][0] = min(lo, float(len(kept)))
     return out
