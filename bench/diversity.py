@@ -359,7 +359,7 @@ def score_runs(
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'scenario':8} {'method':18} {'seed':>4} {'sp':>3} {'spT':>3} {'K':>3} {'ΔS day':>6} {'ΔS all':>6} "
+        f"{'scenario':8} {'method':21} {'seed':>4} {'sp':>3} {'spT':>3} {'K':>3} {'ΔS day':>6} {'ΔS all':>6} "
         f"{'q1 err':>7} {'q2 err':>7} {'ρ q1':>6} {'cover':>6} {'ARI':>6} {'ARItr':>6} {'ep':>4}"
     )
     lines = [head]
@@ -368,7 +368,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         flag = "".join("✓" if v else ("·" if v is None else "✗") for v in m.values())
         cover = "  n/a" if r["cover"] is None else f"{r['cover']:6.2f}"
         lines.append(
-            f"{r['scenario']:8} {r['method']:18} {r['seed']:4d} {r['species']:3d} {r['species_train']:3d} "
+            f"{r['scenario']:8} {r['method']:21} {r['seed']:4d} {r['species']:3d} {r['species_train']:3d} "
             f"{r['k_model']:3d} {r['richness_day']:+6d} {r['richness_all']:+6d} {r['q1_err']:7.1%} {r['q2_err']:7.1%} "
             f"{r['rho']:6.2f} {cover} {r['ari']:6.3f} {r['ari_train']:6.3f} {r['epoch']:4d}  {flag}"
         )
@@ -378,7 +378,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def summary(rows: list[dict[str, Any]]) -> str:
     """Per scenario and method over seeds: mean, worst and best of the main figures; targets met on every seed."""
     lines = [
-        f"{'scenario':8} {'method':18} {'|ΔS day| mean/worst':>20} {'q1 err mean/worst':>18} {'q2 err mean':>11} "
+        f"{'scenario':8} {'method':21} {'|ΔS day| mean/worst':>20} {'q1 err mean/worst':>18} {'q2 err mean':>11} "
         f"{'ρ worst':>7} {'ARI mean/worst/best':>20} {'all targets':>11}"
     ]
     keys = dict.fromkeys((r["scenario"], r["method"]) for r in rows)
@@ -388,7 +388,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
         ari = [r["ari"] for r in rs]
         ok = sum(all(v is not False for v in met(r).values()) for r in rs)
         lines.append(
-            f"{sc:8} {me:18} {np.mean(day):10.2f}/{max(day):<9d} {np.mean([r['q1_err'] for r in rs]):9.1%}/"
+            f"{sc:8} {me:21} {np.mean(day):10.2f}/{max(day):<9d} {np.mean([r['q1_err'] for r in rs]):9.1%}/"
             f"{max(r['q1_err'] for r in rs):<8.1%} {np.mean([r['q2_err'] for r in rs]):11.1%} "
             f"{min(r['rho'] for r in rs):7.2f} {np.mean(ari):8.3f}/{min(ari):.3f}/{max(ari):.3f} "
             f"{ok:>5d} of {len(rs)}"

@@ -250,9 +250,8 @@ def _diversity_table(state: Path, t0_ns: np.ndarray, truth: np.ndarray, root: Pa
     print("\ndiversity per UTC day of event time: clusters found by the daemon vs the simulated species (true)")
     print("  q0 = richness, q1 = exp(Shannon), q2 = inverse Simpson, in effective numbers of species, of the clusters")
     print("  present (from 50 events a day: at least 2 events and 0.5 % of them; fewer are strays);")
-    print(
-        "  estimated q0 = Chao1 from every cluster found, with its 95 % bootstrap interval; novel events (−1) left out"
-    )
+    print("  estimated q0 = Chao1 from every cluster found, with its 95 % bootstrap interval (reaching down to the")
+    print("  clusters present: one below the floor may be strays or a rare species); novel events (−1) left out")
     print(f"{'':18}{'q0':^13}{'q1':^15}{'q2':^15}")
     pairs = f"{'found':>6} {'true':>5} {'found':>7} {'true':>6} {'found':>7} {'true':>6}"
     print(f"{'day':10} {'events':>6} {pairs}   estimated q0 [95 % CI]")
