@@ -1,5 +1,5 @@
-"""Latent clusters (DESIGN §5): fitting the mixture over μ (``model.mixture`` holds the fitted one), stable-ID
-alignment. Pure.
+"""Latent clusters (DESIGN §5): fitting the mixture over μ (``model.mixture`` holds the fitted one and aligns
+stable IDs). Pure.
 
 Three ways to choose the number of clusters, all up to ``k_max``:
 
@@ -35,7 +35,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.cluster.hierarchy
-import scipy.optimize
 import scipy.spatial.distance
 from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
 
@@ -52,7 +51,7 @@ from model.kchoice import (
     split_further,
     ward_cut,
 )
-from model.mixture import NOVEL, Assignment, LatentClusterer
+from model.mixture import NOVEL, Assignment, LatentClusterer, align_ids
 
 __all__ = [
     "NOVEL",
@@ -394,36 +393,3 @@ def fit_clusterer(
     clusterer.nll_threshold = float(np.quantile(-clusterer.score_samples(mu), q))
     clusterer.rec_threshold = float(np.quantile(np.asarray(rec_error, np.float64), q))
     return clusterer
-
-
-def align_ids(
-    old: np.ndarray, new_components: np.ndarray, n_new: int, next_id: int, min_overlap: int = 1
-) -> np.ndarray:
-    """Stable IDs for a new mixture's components, from the same events assigned by both models.
-
-    Parameters
-    ----------
-    old : (events,) cluster IDs the serving model gave (NOVEL rows are ignored).
-    new_components : (events,) component index 0…n_new−1 the new model gives the same events.
-    n_new : number of components of the new mixture.
-    next_id : smallest ID never used before; unmatched components get next_id, next_id + 1, …
-    min_overlap : a match needs at least this many shared events.
-
-    Returns
-    -------
-    (n_new,) int64: the ID of each new component. Hungarian assignment maximising shared events.
-    """
-    keep = old != NOVEL
-    old, new_components = old[keep], new_components[keep]
-    old_ids = np.unique(old)
-    ids = np.full(n_new, -1, dtype=np.int64)
-    if len(old_ids):
-        overlap = np.zeros((n_new, len(old_ids)), dtype=np.int64)  # (new component, old ID)
-        np.add.at(overlap, (new_components, np.searchsorted(old_ids, old)), 1)
-        rows, cols = scipy.optimize.linear_sum_assignment(overlap, maximize=True)
-        for r, c in zip(rows, cols, strict=True):
-            if overlap[r, c] >= min_overlap:
-                ids[r] = old_ids[c]
-    fresh = np.flatnonzero(ids < 0)
-    ids[fresh] = next_id + np.arange(len(fresh))
-    return ids

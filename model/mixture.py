@@ -1,4 +1,5 @@
-"""A fitted latent mixture (DESIGN §5): assignment of new events, novelty, and its arrays. Pure.
+"""A fitted latent mixture (DESIGN §5): assignment of new events, novelty, its arrays, and stable IDs across
+versions (``align_ids``). Pure.
 
 The mixture's components are grouped into clusters; ``model.cluster`` fits it, and assigning new events needs
 nothing but these arrays (weights, means, covariances, groups, thresholds).
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.optimize
 
 NOVEL = -1
 
@@ -169,3 +171,36 @@ def _logsumexp(a: np.ndarray) -> np.ndarray:
 def _ratio(score: np.ndarray, threshold: float) -> np.ndarray:
     """Score relative to its threshold, shifted so that the threshold maps to 1 whatever the sign of scores."""
     return np.maximum(0.0, 1.0 + (score - threshold) / max(abs(threshold), 1e-12))
+
+
+def align_ids(
+    old: np.ndarray, new_components: np.ndarray, n_new: int, next_id: int, min_overlap: int = 1
+) -> np.ndarray:
+    """Stable IDs for a new mixture's components, from the same events assigned by both models.
+
+    Parameters
+    ----------
+    old : (events,) cluster IDs the serving model gave (NOVEL rows are ignored).
+    new_components : (events,) component index 0…n_new−1 the new model gives the same events.
+    n_new : number of components of the new mixture.
+    next_id : smallest ID never used before; unmatched components get next_id, next_id + 1, …
+    min_overlap : a match needs at least this many shared events.
+
+    Returns
+    -------
+    (n_new,) int64: the ID of each new component. Hungarian assignment maximising shared events.
+    """
+    keep = old != NOVEL
+    old, new_components = old[keep], new_components[keep]
+    old_ids = np.unique(old)
+    ids = np.full(n_new, -1, dtype=np.int64)
+    if len(old_ids):
+        overlap = np.zeros((n_new, len(old_ids)), dtype=np.int64)  # (new component, old ID)
+        np.add.at(overlap, (new_components, np.searchsorted(old_ids, old)), 1)
+        rows, cols = scipy.optimize.linear_sum_assignment(overlap, maximize=True)
+        for r, c in zip(rows, cols, strict=True):
+            if overlap[r, c] >= min_overlap:
+                ids[r] = old_ids[c]
+    fresh = np.flatnonzero(ids < 0)
+    ids[fresh] = next_id + np.arange(len(fresh))
+    return ids

@@ -63,8 +63,10 @@ def test_a_fine_tune_replays_older_events_and_the_gate_keeps_a_worse_version_out
         r = v1.manifest["restarts"]
         assert r["seeds"] == [1, 100_004, 200_007] and len(r["agreement"]) == 3
         assert r["agreement"][r["kept"]] == max(r["agreement"]) and v1.manifest["epochs"] == 60
-        # a new model keeps the epoch whose latent clusters best and splits clear groups (trainer.recipe)
-        assert (v1.manifest["train"]["select"], v1.manifest["cluster"]["split_silhouette"]) == ("cluster", 0.65)
+        # a new model finds its groups by density in the features, splits clear groups, and keeps the held-out
+        # ELBO's epoch (trainer.recipe)
+        cut = v1.manifest["cluster"]
+        assert (v1.manifest["train"]["select"], cut["method"], cut["split_silhouette"]) == ("best", "density", 0.65)
         reports = [e for e in d.events() if e.get("event") == "training_epoch" and e.get("model_version") == 1]
         assert [e["epoch"] for e in reports] == [*range(0, 180, 10), 179] and {e["epochs"] for e in reports} == {180}
         started = [e for e in d.events() if e.get("event") == "training_started"]
@@ -74,8 +76,12 @@ def test_a_fine_tune_replays_older_events_and_the_gate_keeps_a_worse_version_out
         v2 = read_version(d.state / "models" / "v2")
         assert v2.manifest["kind"] == "finetune" and v2.manifest["parent"] == 1
         assert v2.manifest["restarts"]["seeds"] == [2]  # a fine-tune continues one model, cut as its parent is
-        fine_tune = v2.manifest["train"]["select"], v2.manifest["cluster"]["split_silhouette"]
-        assert fine_tune == ("best", 0.65)
+        fine_tune = (
+            v2.manifest["train"]["select"],
+            v2.manifest["cluster"]["method"],
+            v2.manifest["cluster"]["split_silhouette"],
+        )
+        assert fine_tune == ("best", "density", 0.65)
         # 200 events per training: the newest 100 and an even sample of the 200 before them, from the first on
         assert v2.manifest["data"]["first_event"] == 1 and v2.manifest["data"]["last_event"] == 300
         assert v2.manifest["gate_metrics"]["events"] == 200
@@ -94,7 +100,8 @@ def test_a_fine_tune_replays_older_events_and_the_gate_keeps_a_worse_version_out
         v3 = read_version(d.state / "models" / "v3")
         assert v3.manifest["kind"] == "full" and v3.manifest["epochs"] == 1
         # a full retrain: the new model's rule, one training
-        assert (v3.manifest["train"]["select"], v3.manifest["cluster"]["split_silhouette"]) == ("cluster", 0.65)
+        cut = v3.manifest["cluster"]
+        assert (v3.manifest["train"]["select"], cut["method"], cut["split_silhouette"]) == ("best", "density", 0.65)
         assert v3.manifest["restarts"]["seeds"] == [3]
         assert v3.manifest["gate_metrics"] == m[3]["metrics"] != {}
         rejected = [e for e in d.events() if e.get("event") == "model_rejected"]
