@@ -18,11 +18,12 @@ Three ways to choose the number of clusters, all up to ``k_max``:
   (``model.kchoice.modes``); each cluster then modelled as ``"ward"`` models it. On simulated deployments it
   counted species closer than Ward's cut on the tuning seeds and no closer on held-out ones (docs/RESULTS.md).
 - ``"density"``: the groups are found in the *features*, not the latent: HDBSCAN on their principal components
-  (``model.kchoice.density_groups``), each group then split again in the latent when ``split_silhouette`` is set,
-  and modelled in the latent as ``"ward"`` models its groups. Needs the training events' features
-  (``fit_clusterer``'s ``features``). A short training's latent merges species its features still keep apart
-  (5-nearest-neighbour accuracy 0.95–1.00 in the features against 0.70–0.99 in a first model's latent, on
-  simulated deployments); the daemon's new models are cut so (docs/RESULTS.md "Counting species").
+  (``model.kchoice.density_groups``), and modelled in the latent as ``"ward"`` models its groups. Where one group
+  holds most of the events (more than ``DENSITY_ONE_GROUP``), density found no structure there (species that
+  touch, as on the paper's data), and with ``split_silhouette`` set the groups are split again in the latent.
+  Needs the training events' features (``fit_clusterer``'s ``features``). A short training's latent merges
+  species its features keep apart (5-nearest-neighbour accuracy 0.95–1.00 in the features, 0.70–0.99 in a first
+  model's latent, on simulated deployments); the daemon's new models are cut so (docs/RESULTS.md).
 
 Either way the result is stored as a plain mixture (weights, means, covariances), so assigning new events needs
 nothing but those arrays.
@@ -40,6 +41,7 @@ from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
 
 from model.kchoice import (
     DENSITY_DIMS,
+    DENSITY_ONE_GROUP,
     PRESENT_FLOOR,
     PRESENT_FROM,
     PRESENT_SHARE,
@@ -253,7 +255,9 @@ def _ward_silhouette(
         lab = modes(z, k_max, cfg.seed, cfg.n_init)
     else:
         lab, _ = ward_cut(z, k_max, cfg.silhouette_tolerance)
-    if cfg.split_silhouette > 0:
+    # density's groups are split only where density found no structure: one group holding most of the events
+    unsplit = cfg.method == "density" and np.bincount(lab).max() <= DENSITY_ONE_GROUP * len(lab)
+    if cfg.split_silhouette > 0 and not unsplit:
         lab = split_further(z, lab, k_max, cfg.split_silhouette, min_size)
     weights, means, covariances, groups = _model_groups(z, lab, cfg)
     return weights, centre + means * scale, covariances * np.outer(scale, scale)[None], groups

@@ -23,6 +23,7 @@ PRESENT_FROM = 50  # … in windows of at least this many events; in smaller one
 ACTIVE_VARIANCE = 0.01  # active_dims: variance over the events of a dimension's mean, against the prior's 1
 DENSITY_DIMS = 20  # density_groups: principal components of the features the density is read in
 DENSITY_GROUPED = 0.5  # density_groups: below this share of events in groups, the events are one group
+DENSITY_ONE_GROUP = 0.5  # model.cluster's "density": a group holding more of the events is split again
 RIDGE_POINTS = 41  # one_mode: points on the segment between two components' means where their density is read
 
 

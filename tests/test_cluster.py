@@ -475,3 +475,21 @@ def test_density_clusters_come_from_the_features_and_serve_from_the_latent():
     for bad, says in ((None, "got none"), (x[:10], "got 10 rows")):
         with pytest.raises(ValueError, match=says):
             fit_clusterer(mu, np.ones(800), ClusterConfig(method="density"), features=bad)
+
+
+def test_density_groups_are_split_again_only_where_density_found_no_structure():
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(4)
+    # a latent of three clear blobs
+    y = rng.integers(0, 3, 900)
+    mu = np.array([[0.0, 0], [8, 0], [4, 7]])[y] + rng.normal(0, 0.5, (900, 2))
+    cfg = ClusterConfig(method="density", split_silhouette=0.65, k_max=10)
+    # features with no gap: one group holds every event, so the latent's structure parts it
+    blob = rng.normal(0, 1, (900, 30))
+    split = fit_clusterer(mu, np.ones(900), cfg, features=blob)
+    assert split.k == 3 and adjusted_rand_score(y, split.assign(mu).cluster) > 0.95
+    # features with two groups, neither holding most events: density's groups stand, unsplit
+    x, _ = _moons(900, 5)
+    kept = fit_clusterer(mu, np.ones(900), cfg, features=x)
+    assert kept.k == 2

@@ -155,8 +155,8 @@ def train(
         typer.Option(
             min=0.0,
             max=1.0,
-            help="Split a ward or density cluster again while its own best cut has at least this mean silhouette "
-            "(0: one cut; default 0).",
+            help="Split a ward cluster again while its own best cut has at least this mean silhouette (density: "
+            "only where one density group holds most of the events) (0: one cut; default 0).",
         ),
     ] = None,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
