@@ -179,7 +179,9 @@ def test_starts_from_a_model_trained_offline_and_refuses_a_bad_one(tmp_path, sim
             assert d.stop() == 0
     for a, b in zip(published["2"], published["0"], strict=True):
         assert (a["cluster"], a["model_version"]) == (b["cluster"], b["model_version"])
-        np.testing.assert_allclose(a["latent"], b["latent"], rtol=1e-5, atol=1e-6)
+        # features made in threads round differently in the last places (float32 sums over other batch sizes),
+        # and the encoder carries that on: up to 8e-6 apart on one CPU
+        np.testing.assert_allclose(a["latent"], b["latent"], rtol=1e-4, atol=1e-5)
     (model / "weights.safetensors").write_bytes(b"garbage")
     r = cli("run", "--state", str(tmp_path / "s2"), "--model", str(model), "--metrics", "", timeout=60)
     assert r.returncode == 2 and "does not match the checksum" in r.stderr and "Traceback" not in r.stderr
