@@ -244,21 +244,20 @@ def _ward_silhouette(
     scale = np.where(scale > 0, scale, 1.0)
     z = (sub - centre) / scale
     min_size = max(z.shape[1] + 2, math.ceil(cfg.min_cluster_fraction * len(z)))  # _model_groups' floor
+    split = cfg.split_silhouette
     if cfg.method == "density":
         assert features is not None  # fit_clusterer checks
-        lab = density_groups(features[pick], min_size, cfg.density_dims)
+        lab = density_groups(features[pick], min_size, cfg.density_dims)  # at least half the events grouped
         grouped = lab >= 0
-        if grouped.sum() < min_size:  # no group of that size: one cluster of every event
-            lab, grouped = np.zeros(len(z), np.int64), np.ones(len(z), bool)
         z, lab = z[grouped], np.unique(lab[grouped], return_inverse=True)[1].astype(np.int64)
+        if np.bincount(lab).max() <= DENSITY_ONE_GROUP * len(lab):
+            split = 0.0  # density found structure: its groups stand; split only one holding most of the events
     elif cfg.method == "modes":
         lab = modes(z, k_max, cfg.seed, cfg.n_init)
     else:
         lab, _ = ward_cut(z, k_max, cfg.silhouette_tolerance)
-    # density's groups are split only where density found no structure: one group holding most of the events
-    unsplit = cfg.method == "density" and np.bincount(lab).max() <= DENSITY_ONE_GROUP * len(lab)
-    if cfg.split_silhouette > 0 and not unsplit:
-        lab = split_further(z, lab, k_max, cfg.split_silhouette, min_size)
+    if split > 0:
+        lab = split_further(z, lab, k_max, split, min_size)
     weights, means, covariances, groups = _model_groups(z, lab, cfg)
     return weights, centre + means * scale, covariances * np.outer(scale, scale)[None], groups
 
@@ -337,7 +336,7 @@ def fit_clusterer(
         if features is None or len(features) != len(mu):
             got = "none" if features is None else f"{len(features)} rows"
             raise ValueError(f"density finds its groups in the events' features: need {len(mu)} rows, got {got}")
-        flat = np.asarray(features, dtype=np.float64).reshape(len(mu), -1)
+        flat = np.asarray(features).reshape(len(mu), -1)  # density_groups reads its subsample in float64
     rng = np.random.default_rng(cfg.seed)
     pick = np.arange(len(mu)) if len(mu) <= cfg.max_fit_events else rng.choice(len(mu), cfg.max_fit_events, False)
     fit_on = mu[pick]

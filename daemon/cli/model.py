@@ -207,7 +207,7 @@ def train(
     method = (clusters or (ClusterMethod.bic if reference else ClusterMethod.ward)).value
     if split and method not in ("ward", "density"):  # before the data set is read
         raise ValueError(
-            f"--split splits ward's or density's clusters, and these are {method}'s (give --clusters ward)"
+            f"--split splits ward's or density's clusters, and these are {method}'s (give --clusters ward or density)"
         )
     cluster_cfg = ClusterConfig(method=method, seed=seed, split_silhouette=split or 0.0)
     torch.set_num_threads(threads)

@@ -107,15 +107,14 @@ def recipe(kind: str, restarts: int, parent_cluster: dict[str, Any] | None = Non
     A new model (the first, or a full retrain) finds its clusters by density in the training events' features
     (``ClusterConfig(method="density")``: HDBSCAN on their principal components), splits its groups again in the
     latent where density found no structure (one group holding most of the events; ``SPLIT_SILHOUETTE``), and
-    keeps the epoch of the best held-out ELBO. A short
-    training's latent merges species that its features still keep apart; on simulated deployments this counts
-    species closer than Ward's cut of the latent at the clustering criterion's epoch, the rule before it
-    (docs/RESULTS.md "Counting species": held-out seeds, first model, daily q1 error 24.9 % → 15.0 %, and on 12
-    fresh ones 20.4 % → 15.0 % once the split was kept for groups density could not part). The first
-    model is trained ``restarts`` times (``training.first_restarts``), the most agreeing kept; a full retrain
-    once. A fine-tune continues its parent and cuts its clusters by the parent's rule (``parent_cluster``: the
-    parent manifest's ``cluster``: its method and split), so a model given by ``wingbeat train`` stays cut as it
-    was, ``--clusters dp`` included.
+    keeps the epoch of the best held-out ELBO. A short training's latent merges species that its features still
+    keep apart; on simulated deployments this counts species closer than Ward's cut of the latent at the
+    clustering criterion's epoch, the rule before it (docs/RESULTS.md "Counting species": held-out seeds, first
+    model, daily q1 error 24.9 % → 15.0 %, and on 12 fresh ones 20.4 % → 15.0 % once the split was kept for
+    groups density could not part). The first model is trained ``restarts`` times (``training.first_restarts``),
+    the most agreeing kept; a full retrain once. A fine-tune continues its parent and cuts its clusters by the
+    parent's rule (``parent_cluster``: the parent manifest's ``cluster``: its method and split), so a model given
+    by ``wingbeat train`` stays cut as it was, ``--clusters dp`` included.
     """
     if kind == "finetune":
         parent = parent_cluster or {}
